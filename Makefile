@@ -1,0 +1,49 @@
+# Two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test check lint types bench system-deps clean
+
+$(BIN)/spoold: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test-deps: pyproject.toml $(BIN)/spoold
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+## Run the daemon on its embedded default (spool ./spool): drop files into ./spool/incoming/inbox/
+run: $(BIN)/spoold
+	$(BIN)/spoold run
+
+## Install what the tests need (openssh-server, ffmpeg via apt-get when missing) and pass them.
+test: system-deps $(VENV)/.test-deps
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+check: test
+
+system-deps:
+	@missing=""; \
+	command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	command -v ffmpeg >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
+	command -v ffprobe >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "note: missing$$missing (tests that need them are skipped; install them with apt-get)"; \
+	  fi; \
+	fi
+
+## Benchmarks: ratios against the reference tools, measured in the same run.
+bench: system-deps $(VENV)/.test-deps
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache

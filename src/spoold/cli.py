@@ -1,0 +1,242 @@
+"""The command line. Only this module prints to the terminal and chooses exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from spoold import __version__
+from spoold.daemon.config import EMBEDDED_DEFAULT, Config, load_config
+from spoold.daemon.layout import SpoolLayout
+from spoold.daemon.sidecar import Sidecar, read_json
+from spoold.errors import ConfigError
+
+EX_OK = 0
+EX_FAIL = 1
+EX_USAGE = 64
+EX_NOINPUT = 66
+EX_CANTCREAT = 73
+EX_CONFIG = 78
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EX_FAIL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spoold", description="Spool-directory daemon: watch inboxes, run chains.")
+    parser.add_argument("--version", action="version", version=f"spoold {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", type=Path, help="config file (default /etc/spoold/spoold.yaml, "
+                                                        "else the embedded default)")  # fmt: skip
+        return p
+
+    with_config(commands.add_parser("run", help="run in the foreground (systemd runs this)"))
+    with_config(commands.add_parser("check", help="validate the config; exit 78 on error"))
+    status = with_config(commands.add_parser("status", help="show queues and items"))
+    status.add_argument("queue", nargs="?", help="only this queue")
+    status.add_argument("item", nargs="?", help="only this item")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--watch", action="store_true", help="redraw every second")
+    status.add_argument("--all", action="store_true", help="list done items too")
+    retry = with_config(commands.add_parser("retry", help="send failed items back to be processed"))
+    retry.add_argument("queue")
+    retry.add_argument("item", nargs="?")
+    retry.add_argument("--all", action="store_true", help="every failed item of the queue")
+    init = commands.add_parser("init", help="create the spool layout and a starter config")
+    init.add_argument("spool", nargs="?", default="./spool", type=Path)
+    drop = with_config(commands.add_parser("drop", help="copy files or folders into an inbox safely"))
+    drop.add_argument("queue")
+    drop.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"run": cmd_run, "check": cmd_check, "status": cmd_status, "retry": cmd_retry, "init": cmd_init,
+               "drop": cmd_drop}[args.command]  # fmt: skip
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"spoold: config error: {exc.describe()}", file=sys.stderr)
+        return EX_CONFIG
+    except CliError as exc:
+        print(f"spoold: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    steps = sum(len(q.steps) for q in config.queues.values())
+    print(f"{config.source}: ok ({len(config.queues)} queues, {steps} steps, spool {config.spool})")
+    return EX_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from spoold.daemon.logs import setup_logging
+    from spoold.daemon.scheduler import Daemon
+
+    config = load_config(args.config)
+    setup_logging(config.log_level)
+    daemon = Daemon(config, args.config)
+    try:
+        code = daemon.run()
+    except PermissionError as exc:
+        raise CliError(f"cannot use the spool {config.spool}: {exc.strerror}: {exc.filename}", EX_CANTCREAT) from None
+    except OSError as exc:
+        raise CliError(f"cannot run: {exc}", EX_CANTCREAT) from None
+    if code != EX_OK:
+        # A second stop request: leave now, without waiting for worker threads.
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from spoold import statusview
+
+    config = load_config(args.config)
+    queues = _pick_queues(config, args.queue)
+    if args.item:
+        path = config.spool / args.queue / "status" / f"{args.item}.json"
+
+        def render_item() -> str:
+            document = read_json(path)
+            if document is None:
+                raise CliError(f"no item {args.item!r} in queue {args.queue!r} ({path} does not exist)", EX_NOINPUT)
+            return json.dumps(document, indent=2) if args.json else statusview.render_item(document)
+
+        if args.watch:
+            statusview.watch(render_item)
+        print(render_item())
+        return EX_OK
+
+    def render() -> str:
+        data = statusview.summary(config.spool, queues)
+        if args.json:
+            return json.dumps(data, indent=2)
+        return statusview.render_table(data, is_all=args.all or bool(args.queue))
+
+    if args.watch:
+        statusview.watch(render)
+    print(render())
+    return EX_OK
+
+
+def _pick_queues(config: Config, queue: str | None) -> list[str]:
+    if queue is None:
+        return list(config.queues)
+    if queue not in config.queues:
+        raise CliError(f"no queue {queue!r} in {config.source}; queues: {', '.join(config.queues)}", EX_USAGE)
+    return [queue]
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    _pick_queues(config, args.queue)
+    if bool(args.item) == bool(args.all):
+        raise CliError("say which failed item to retry, or --all", EX_USAGE)
+    folders = SpoolLayout(config.spool, config.queues).queues[args.queue]
+    names = [args.item] if args.item else sorted(p.name for p in folders.failed.iterdir()) if folders.failed.is_dir() else []
+    retried = 0
+    for name in names:
+        sidecar = Sidecar.load(folders.sidecar_path(name))
+        if sidecar is None or sidecar.state != "failed":
+            if args.item:
+                raise CliError(f"{args.queue}/{name} is not a failed item", EX_NOINPUT)
+            continue
+        if (folders.failed / name).exists():
+            os.rename(folders.failed / name, folders.work / name)
+        else:
+            (folders.work / name).mkdir(exist_ok=True)
+        for step in sidecar.doc["steps"]:
+            if step.get("state") != "done":
+                step.update(state="pending", attempt=1)
+                step.pop("error", None)
+        sidecar.doc.update(state="queued", error=None, next_attempt_at=None, attempts=0)
+        sidecar.write()
+        retried += 1
+        print(f"{args.queue}/{name}: queued again")
+    _nudge_daemon(config)
+    if not retried:
+        print(f"{args.queue}: no failed items")
+    return EX_OK
+
+
+def _nudge_daemon(config: Config) -> None:
+    """Ask a running daemon to look at work/ now rather than at its next rescan."""
+    health = read_json(config.spool / "health.json")
+    pid = health.get("pid") if health else None
+    if isinstance(pid, int):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGUSR1)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    spool: Path = args.spool
+    config_path = spool / "spoold.yaml"
+    text = EMBEDDED_DEFAULT.replace("spool: ./spool", f"spool: {spool.resolve()}").replace(
+        "file://./spool/shipped/", f"file://{spool.resolve()}/shipped/"
+    )
+    from spoold.daemon.config import parse_config
+
+    config = parse_config(text, str(config_path))
+    try:
+        SpoolLayout(config.spool, config.queues).ensure()
+        if not config_path.exists():
+            config_path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot create {spool}: {exc.strerror}", EX_CANTCREAT) from None
+    print(f"created {spool.resolve()} with queues {', '.join(config.queues)}")
+    print(f"config: {config_path}  (run: spoold run -c {config_path})")
+    return EX_OK
+
+
+def cmd_drop(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    _pick_queues(config, args.queue)
+    queue = config.queues[args.queue]
+    inbox = config.spool / args.queue / "inbox"
+    if not inbox.is_dir():
+        raise CliError(f"{inbox} does not exist; start spoold once (or run spoold init) to create it", EX_NOINPUT)
+    for path in args.paths:
+        if not path.exists() or path.is_symlink():
+            raise CliError(f"{path}: no such file or folder (links are not followed)", EX_NOINPUT)
+        if (inbox / path.name).exists():
+            raise CliError(f"{inbox / path.name} already exists; not overwriting it", EX_CANTCREAT)
+    for path in args.paths:
+        _drop_one(path, inbox, is_marker_wanted=path.is_dir() and queue.spec.ready == "marker")
+        print(f"dropped {path} into {args.queue}")
+    return EX_OK
+
+
+def _drop_one(path: Path, inbox: Path, *, is_marker_wanted: bool) -> None:
+    # A hidden temp name is ignored by the daemon until the rename makes it whole at once.
+    tmp = inbox / f".{path.name}.spoold-drop"
+    try:
+        if path.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(path, tmp, symlinks=True)
+        else:
+            shutil.copy2(path, tmp)
+        os.rename(tmp, inbox / path.name)
+        if is_marker_wanted:
+            marker_tmp = inbox / f".{path.name}.ready.spoold-drop"
+            marker_tmp.write_text("{}\n", encoding="utf-8")
+            os.rename(marker_tmp, inbox / f"{path.name}.ready")
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        raise CliError(f"cannot drop {path}: {exc.strerror}", EX_CANTCREAT) from None

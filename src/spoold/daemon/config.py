@@ -1,0 +1,208 @@
+"""The configuration: one YAML file, validated once into a `Config` passed down explicitly.
+
+Unknown keys are errors; every error names the file, the YAML path and the line.
+Each step's options are validated by its handler's schema here, at load time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from spoold.daemon.yamlfile import load_yaml
+from spoold.errors import ConfigError
+from spoold.handlers import HANDLERS, handler_class
+from spoold.handlers.base import Handler
+from spoold.options import Builder, Bytes, Seconds, YamlPath
+
+DEFAULT_CONFIG_PATH = Path("/etc/spoold/spoold.yaml")
+DEFAULT_IGNORE = ["*.part", "*.tmp", "*~"]
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+EMBEDDED_DEFAULT = """\
+# spoold's embedded default: drop a file into ./spool/incoming/inbox/
+spool: ./spool
+queues:
+  incoming:
+    chain:
+      - checksum: {algorithms: [sha256, xxh3_128]}
+      - manifest: {}
+      - forward: {to: outgoing}
+  outgoing:
+    chain:
+      - ship: {to: 'file://./spool/shipped/'}
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldsSpec:
+    pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern is not a valid regular expression: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    delays: list[Seconds] = dataclasses.field(default_factory=lambda: [Seconds(d) for d in (0, 5, 10, 20, 40)])
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("retry.attempts must be at least 1")
+        if not self.delays:
+            raise ValueError("retry.delays must list at least one duration")
+
+    def delay_before(self, attempt: int) -> float:
+        """Seconds to wait before 1-based `attempt`; the last delay repeats."""
+        return float(self.delays[min(attempt - 1, len(self.delays) - 1)])
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepPolicy:
+    done: Seconds | Literal["delete"] = Seconds(7 * 86400)
+    failed: Seconds | Literal["delete"] = Seconds(30 * 86400)
+    # How long the sidecar of an item whose data is gone stays readable.
+    status: Seconds = Seconds(7 * 86400)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueSpec:
+    """The YAML shape of one queue; `chain` is validated step by step afterwards."""
+
+    chain: list[Any]
+    items: Literal["files", "bundles", "requests"] = "files"
+    ready: Literal["marker", "settle"] = "marker"
+    settle: Seconds = Seconds(1)
+    concurrency: int = 1
+    fields: FieldsSpec = FieldsSpec()
+    retry: RetryPolicy = RetryPolicy()
+    keep: KeepPolicy = KeepPolicy()
+    ignore: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_IGNORE))
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.concurrency <= 256:
+            raise ValueError("concurrency must be between 1 and 256")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigSpec:
+    queues: dict[str, Any]
+    spool: str = "/var/spool/spoold"
+    min_free: Bytes = Bytes(0)
+    rescan: Seconds = Seconds(60)
+    group: str | None = None
+    host: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One configured step: a handler instance plus where it came from."""
+
+    index: int
+    name: str
+    handler: Handler[Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Queue:
+    name: str
+    spec: QueueSpec
+    steps: tuple[Step, ...]
+    fields_pattern: re.Pattern[str] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    source: str
+    spool: Path
+    min_free_bytes: int
+    rescan_seconds: float
+    group: str | None
+    host: str
+    log_level: str
+    queues: dict[str, Queue]
+
+
+def load_config(path: Path | None) -> Config:
+    """Load `path`, or /etc/spoold/spoold.yaml, or the embedded default when neither exists."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return parse_config(EMBEDDED_DEFAULT, "<embedded default>")
+        path = DEFAULT_CONFIG_PATH
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror if isinstance(exc, OSError) else exc}", file=str(path))
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, file: str) -> Config:
+    data, lines = load_yaml(text, file)
+    builder = Builder(lines, file)
+    if data is None:
+        raise builder.error((), "the config is empty; it needs at least `queues:`")
+    spec = builder.build(ConfigSpec, data, ())
+    if not spec.queues:
+        raise builder.error(("queues",), "no queues are defined")
+    queue_names = frozenset(spec.queues)
+    queues: dict[str, Queue] = {}
+    for name, raw in spec.queues.items():
+        path: YamlPath = ("queues", name)
+        if not QUEUE_NAME.match(name):
+            raise builder.error(path, f"queue name {name!r} must be letters, digits, '_', '.' or '-'")
+        if not isinstance(raw, dict):
+            raise builder.error(path, "a queue must be a mapping with at least `chain:`")
+        queue_spec = builder.build(QueueSpec, raw, path)
+        steps = _build_chain(builder, queue_spec, (*path, "chain"), queue_names)
+        pattern = re.compile(queue_spec.fields.pattern) if queue_spec.fields.pattern else None
+        queues[name] = Queue(name, queue_spec, steps, pattern)
+    return Config(
+        source=file,
+        spool=Path(spec.spool),
+        min_free_bytes=int(spec.min_free),
+        rescan_seconds=max(float(spec.rescan), 1.0),
+        group=spec.group,
+        host=spec.host or os.uname().nodename,
+        log_level=spec.log_level,
+        queues=queues,
+    )
+
+
+def _build_chain(builder: Builder, spec: QueueSpec, path: YamlPath, queue_names: frozenset[str]) -> tuple[Step, ...]:
+    if not isinstance(spec.chain, list) or not spec.chain:
+        raise builder.error(path, "chain must be a non-empty list of steps")
+    steps = []
+    for index, raw_step in enumerate(spec.chain):
+        step_path: YamlPath = (*path, index)
+        if isinstance(raw_step, str):
+            name, options = raw_step, None
+        elif isinstance(raw_step, dict) and len(raw_step) == 1:
+            name, options = next(iter(raw_step.items()))
+        else:
+            raise builder.error(step_path, "a step is one `handler: {options}` mapping")
+        if name not in HANDLERS:
+            raise builder.error(
+                (*step_path, str(name)), f"unknown handler {name!r}; known handlers: {', '.join(sorted(HANDLERS))}"
+            )
+        cls = handler_class(name)
+        if options is not None and not isinstance(options, dict):
+            if cls.shorthand is None:
+                raise builder.error((*step_path, name), f"{name} takes a mapping of options")
+            options = {cls.shorthand: options}
+        handler = cls(builder.build(cls.Options, options, (*step_path, name)))
+        problem = handler.validate(queue_names, spec.items == "requests")
+        if problem:
+            raise builder.error((*step_path, name), problem)
+        steps.append(Step(index, name, handler))
+    return tuple(steps)

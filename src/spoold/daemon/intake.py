@@ -1,0 +1,163 @@
+"""Deciding when an inbox entry is complete.
+
+A file is complete once its size and mtime stay unchanged for `settle` seconds
+after the last event (close-after-write, moved-in) or after a scan found it. A
+bundle is complete when `<name>.ready` appears beside it, or, with
+`ready: settle`, after `settle` seconds without change anywhere inside it.
+Events only accelerate: a scan finds anything they missed, and since a claim
+moves the entry out of the inbox, nothing is ever claimed twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import stat
+from pathlib import Path
+
+from spoold.daemon.config import Queue
+
+READY_SUFFIX = ".ready"
+Signature = tuple[int, int, int]
+
+
+@dataclasses.dataclass
+class Candidate:
+    signature: Signature | None
+    deadline: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Arrival:
+    """An inbox entry that is complete and may be claimed."""
+
+    entry: str
+    marker: str | None = None
+    rejection: str | None = None
+
+
+class Intake:
+    """Tracks one queue's inbox entries until each is complete."""
+
+    def __init__(self, queue: Queue, inbox: Path) -> None:
+        self.queue = queue
+        self.inbox = inbox
+        self.settle_seconds = float(queue.spec.settle)
+        self.candidates: dict[str, Candidate] = {}
+
+    def is_ignored(self, name: str) -> bool:
+        return name.startswith(".") or any(fnmatch.fnmatchcase(name, p) for p in self.queue.spec.ignore)
+
+    def notice(self, path: Path, now: float) -> None:
+        """An event touched `path` (anywhere below the inbox): look at its top-level entry soon."""
+        try:
+            relative = path.relative_to(self.inbox)
+        except ValueError:
+            return
+        if not relative.parts:
+            return
+        self._track(relative.parts[0], now)
+
+    def scan(self, now: float) -> None:
+        """Look at every entry of the inbox (start, period, overflow)."""
+        try:
+            names = os.listdir(self.inbox)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name not in self.candidates:
+                self._track(name, now)
+
+    def _track(self, name: str, now: float) -> None:
+        if self.is_ignored(name):
+            return
+        if name.endswith(READY_SUFFIX) and len(name) > len(READY_SUFFIX):
+            # A marker makes its item ready at once: look at the item, not the marker.
+            self.candidates[name[: -len(READY_SUFFIX)]] = Candidate(None, now)
+            return
+        signature = None
+        try:
+            info = os.lstat(self.inbox / name)
+            if stat.S_ISREG(info.st_mode):
+                # Recorded now, so an untouched file is claimed one settle period after its event.
+                signature = _signature(self.inbox / name, info)
+        except FileNotFoundError:
+            return
+        self.candidates[name] = Candidate(signature, now + self.settle_seconds)
+
+    def next_deadline(self) -> float | None:
+        return min((c.deadline for c in self.candidates.values()), default=None)
+
+    def due(self, now: float) -> list[Arrival]:
+        """Entries whose deadline passed and that are complete now."""
+        arrivals = []
+        for name in [n for n, c in self.candidates.items() if c.deadline <= now]:
+            arrival = self._check(name, self.candidates[name], now)
+            if arrival is not None:
+                arrivals.append(arrival)
+                del self.candidates[name]
+        return arrivals
+
+    def _check(self, name: str, candidate: Candidate, now: float) -> Arrival | None:  # noqa: PLR0911
+        path = self.inbox / name
+        marker = name + READY_SUFFIX
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            del self.candidates[name]
+            return None
+        has_marker = os.path.lexists(self.inbox / marker)
+        if stat.S_ISLNK(info.st_mode) or not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+            return Arrival(name, rejection=f"{_type_name(info.st_mode)} is never followed or read; only regular "
+                                           "files and folders are accepted")
+        items = self.queue.spec.items
+        if stat.S_ISDIR(info.st_mode):
+            if items == "files":
+                return Arrival(name, rejection="a folder was dropped into a queue of files (items: files); "
+                                               "use items: bundles to accept folders")
+            if items == "requests":
+                return Arrival(name, rejection="a folder was dropped into a queue of requests (items: requests)")
+            if self.queue.spec.ready == "marker":
+                if has_marker:
+                    return Arrival(name, marker=marker)
+                del self.candidates[name]  # waits for its marker's event or a scan
+                return None
+        elif has_marker:
+            return Arrival(name, marker=marker)
+        elif items == "requests" and not name.endswith(".json"):
+            return Arrival(name, rejection="a queue of requests (items: requests) takes only .json request files")
+        signature = _signature(path, info)
+        if signature != candidate.signature:
+            candidate.signature = signature
+            candidate.deadline = now + self.settle_seconds
+            return None
+        return Arrival(name)
+
+
+def _signature(path: Path, info: os.stat_result) -> Signature:
+    if not stat.S_ISDIR(info.st_mode):
+        return (1, info.st_size, info.st_mtime_ns)
+    count, total, newest = 0, 0, info.st_mtime_ns
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                entry = os.lstat(os.path.join(root, name))
+            except FileNotFoundError:
+                continue
+            count += 1
+            total += entry.st_size
+            newest = max(newest, entry.st_mtime_ns)
+    return (count, total, newest)
+
+
+def _type_name(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"

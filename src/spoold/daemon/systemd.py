@@ -1,0 +1,68 @@
+"""sd_notify: READY, STATUS, WATCHDOG, RELOADING, STOPPING. A silent no-op outside systemd."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+log = logging.getLogger(__name__)
+
+
+class Notifier:
+    """Speaks the sd_notify datagram protocol on `$NOTIFY_SOCKET`, read when created."""
+
+    def __init__(self) -> None:
+        self._address = os.environ.get("NOTIFY_SOCKET", "")
+        if self._address.startswith("@"):
+            self._address = "\0" + self._address[1:]
+        self._socket: socket.socket | None = None
+        if self._address:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.watchdog_interval_seconds = self._watchdog_interval()
+        self._last_status = ""
+
+    @staticmethod
+    def _watchdog_interval() -> float | None:
+        """Half of `$WATCHDOG_USEC`, when the watchdog is meant for this process."""
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+            return None
+        return int(usec) / 2_000_000
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._socket is not None
+
+    def send(self, *assignments: str) -> None:
+        if self._socket is None:
+            return
+        try:
+            self._socket.sendto("\n".join(assignments).encode(), self._address)
+        except OSError as exc:
+            log.debug("sd_notify failed: %s", exc)
+
+    def ready(self) -> None:
+        self.send("READY=1", f"MAINPID={os.getpid()}")
+
+    def status(self, text: str) -> None:
+        if text != self._last_status:
+            self._last_status = text
+            self.send(f"STATUS={text}")
+
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
+
+    def reloading(self) -> None:
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+    def stopping(self) -> None:
+        self.send("STOPPING=1")
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None

@@ -1,0 +1,202 @@
+"""ship: deliver the payload, and the files beside it, to `file://`, `sftp://` or `s3://`.
+
+Options: `to` (URL template; ending in `/` means a folder where the item keeps
+its name), `identity`, `password_file`, `known_hosts`, `host_key`,
+`connect_timeout` (SFTP), `endpoint_url`, `region`, `credential`, `part_size`,
+`concurrency` (S3), `verify` (default true), `delete_source` (remove the local
+payload once every copy is verified), `ready_marker` (write `<name>.ready`
+with the item's fields after the payload; default on for folders).
+
+Each target is published atomically by its transport (temp name then rename,
+or multipart completion) and verified against the item's sha256; finished
+targets are recorded in the checkpoint, so a re-run sends only what is left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from spoold.errors import PermanentError
+from spoold.handlers.base import Handler, StepContext, StepResult
+from spoold.options import Bytes, Seconds
+from spoold.transports import TRANSPORTS
+from spoold.transports.base import Delivered, TransferContext, join_remote, parse_url, redact_url
+
+STAGING_DIR = ".ship"
+_NOT_TRANSPORT_SETTINGS = ("to", "verify", "delete_source", "ready_marker")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShipOptions:
+    to: str
+    identity: str | None = None
+    password_file: str | None = None
+    known_hosts: str | None = None
+    host_key: Literal["strict", "tofu"] = "strict"
+    connect_timeout: Seconds = Seconds(30)
+    endpoint_url: str | None = None
+    region: str | None = None
+    credential: str | None = None
+    part_size: Bytes = Bytes(64 << 20)
+    concurrency: int = 4
+    verify: bool = True
+    delete_source: bool = False
+    ready_marker: bool | None = None
+
+    def __post_init__(self) -> None:
+        scheme = self.to.split("://", 1)[0].lower() if "://" in self.to else ""
+        if scheme not in TRANSPORTS:
+            raise ValueError(f"to: {redact_url(self.to)!r} must start with one of "
+                             f"{', '.join(s + '://' for s in sorted(TRANSPORTS))}")  # fmt: skip
+        if "@" in self.to.split("://", 1)[1].split("/", 1)[0] and ":" in self.to.split("://", 1)[1].split("@")[0]:
+            raise ValueError("to: never put a password in the URL; use password_file or credential")
+        if not 1 <= self.concurrency <= 64:
+            raise ValueError("concurrency must be between 1 and 64")
+        if self.part_size < 5 << 20:
+            raise ValueError("part_size must be at least 5MiB (the S3 minimum)")
+
+
+def transport_settings(options: Any) -> dict[str, Any]:
+    """The options a transport needs to connect, as a plain mapping (shared by ship, wait and pull)."""
+    return {k: v for k, v in dataclasses.asdict(options).items() if k not in _NOT_TRANSPORT_SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    source: Path
+    remote: str
+    sha256: str | None
+    digests: dict[str, str]
+
+
+class Ship(Handler[ShipOptions]):
+    name = "ship"
+    Options = ShipOptions
+    shorthand = "to"
+
+    def run(self, ctx: StepContext) -> StepResult:
+        destination = ctx.render(self.options.to)
+        url = parse_url(destination)
+        if ctx.checkpoint.data.get("summary"):
+            # Everything was delivered before a restart; only the source removal may be left.
+            return self._finish(ctx, ctx.checkpoint.data["summary"])
+        transport = ctx.transport(destination, transport_settings(self.options))
+        targets, is_folder_delivery = self._plan(ctx, url.path, url.is_folder)
+        total = sum(_size(t.source) for t in targets)
+        finished: dict[str, dict[str, Any]] = ctx.checkpoint.data.setdefault("finished", {})
+        done_bytes = sum(_size(t.source) for t in targets if t.remote in finished)
+        delivered: list[Delivered] = []
+        for target in targets:
+            if target.remote in finished:
+                continue
+            ctx.check_stop()
+            base = done_bytes
+            transfer = TransferContext(
+                progress=lambda n, _total, base=base: ctx.progress(base + n, total),
+                checkpoint=ctx.checkpoint.data.setdefault("transfer", {}).setdefault(target.remote, {}),
+                save_checkpoint=ctx.checkpoint.save,
+                check_stop=ctx.check_stop,
+            )
+            sha = target.sha256 if self.options.verify else None
+            if target.source.is_dir():
+                result = transport.put_tree(target.source, target.remote, target.digests, transfer)
+            else:
+                result = transport.put_file(target.source, target.remote, sha, transfer)
+            delivered.append(result)
+            finished[target.remote] = {"bytes": result.size, "verified": result.is_verified}
+            ctx.checkpoint.data.get("transfer", {}).pop(target.remote, None)
+            ctx.checkpoint.save()
+            done_bytes += _size(target.source)
+            ctx.progress(done_bytes, total)
+        should_mark = self.options.ready_marker if self.options.ready_marker is not None else is_folder_delivery
+        main = targets[0].remote if targets else url.path
+        if should_mark:
+            marker = json.dumps(ctx.fields, ensure_ascii=False, default=str).encode()
+            transport.write_small(main.rstrip("/") + ".ready", marker)
+        verified = all(v.get("verified") for v in finished.values())
+        summary = {
+            "to": redact_url(str(url)), "targets": sorted(finished), "bytes": total, "verified": verified,
+            "remote_path": main,
+        }  # fmt: skip
+        ctx.checkpoint.data["summary"] = summary
+        ctx.checkpoint.save()
+        return self._finish(ctx, summary)
+
+    def _finish(self, ctx: StepContext, summary: dict[str, Any]) -> StepResult:
+        shutil.rmtree(ctx.item_dir / STAGING_DIR, ignore_errors=True)
+        if self.options.delete_source:
+            for path in ctx.payload:
+                _remove(path)
+        return StepResult(result=summary, is_payload_removed=self.options.delete_source)
+
+    def _plan(self, ctx: StepContext, path: str, is_folder: bool) -> tuple[list[Target], bool]:
+        """Which local file or folder goes to which remote path, and whether a folder is delivered."""
+        payload = [p for p in ctx.payload if p.exists() or p.is_symlink()]
+        if len(payload) != len(ctx.payload):
+            raise PermanentError("payload files are missing from the item's folder")
+        if not payload and not ctx.extras:
+            raise PermanentError("nothing to ship: the item has no payload")
+        if len(payload) > 1:
+            # Several outputs (e.g. one video per camera) travel as one folder named after the item.
+            stage = self._stage(ctx, payload + ctx.extras)
+            remote = join_remote(path, ctx.item) if is_folder else path.rstrip("/")
+            return [Target(stage, remote, None, self._tree_digests(ctx, payload + ctx.extras))], True
+        targets: list[Target] = []
+        folder = path if is_folder else os.path.dirname(path.rstrip("/")) or "/"
+        if payload:
+            source = payload[0]
+            remote = join_remote(path, ctx.item) if is_folder else path
+            relative = str(source.relative_to(ctx.item_dir))
+            if source.is_dir():
+                targets.append(Target(source, remote, None, self._tree_digests(ctx, [source], strip=relative)))
+            else:
+                targets.append(Target(source, remote, ctx.digests.get(relative, {}).get("sha256"), {}))
+        for extra in ctx.extras:
+            targets.append(Target(extra, join_remote(folder, extra.name), None, {}))
+        return targets, bool(payload) and payload[0].is_dir()
+
+    @staticmethod
+    def _stage(ctx: StepContext, paths: list[Path]) -> Path:
+        stage = ctx.item_dir / STAGING_DIR / ctx.item
+        shutil.rmtree(stage.parent, ignore_errors=True)
+        stage.mkdir(parents=True)
+        for path in paths:
+            target = stage / path.name
+            if path.is_dir():
+                shutil.copytree(path, target, copy_function=os.link)
+            else:
+                os.link(path, target)
+        return stage
+
+    @staticmethod
+    def _tree_digests(ctx: StepContext, paths: list[Path], strip: str = "") -> dict[str, str]:
+        """sha256 per file relative to the delivered folder, from what the checksum step recorded."""
+        digests: dict[str, str] = {}
+        for relative, by_algorithm in ctx.digests.items():
+            if "sha256" not in by_algorithm:
+                continue
+            if strip:
+                if relative.startswith(strip + "/"):
+                    digests[relative[len(strip) + 1 :]] = by_algorithm["sha256"]
+            else:
+                digests[relative] = by_algorithm["sha256"]
+        del paths
+        return digests
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    return path.stat().st_size
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -1,0 +1,156 @@
+"""Shared fixtures: temp spools, the daemon as a real subprocess, waiting with deadlines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def need_or_skip(reason: str) -> None:
+    """Skip locally when an external component is missing; fail under CI, where `make test` installs it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"required under CI: {reason}")
+    pytest.skip(reason)
+
+
+def read_sidecar(spool: Path, queue: str, item: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((spool / queue / "status" / f"{item}.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def sidecar_state(spool: Path, queue: str, item: str, state: str) -> Callable[[], dict[str, Any] | None]:
+    def check() -> dict[str, Any] | None:
+        doc = read_sidecar(spool, queue, item)
+        return doc if doc and doc.get("state") == state else None
+
+    return check
+
+
+class DaemonProcess:
+    """`spoold run -c CONFIG` as a child process, with its log captured to a file."""
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log_path = log
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DaemonProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "spoold", "run", "-c", str(self.config)],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+        )
+        return self
+
+    def wait_ready(self, spool: Path, timeout: float = 15.0) -> None:
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                health = json.loads((spool / "health.json").read_text())
+            except (FileNotFoundError, ValueError):
+                return False
+            return bool(health.get("ready")) and health.get("pid") == self.process.pid
+
+        wait_for(ready, timeout, "daemon ready")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[str], Path]:
+    """Write a YAML config (dedented; `{spool}` and `{tmp}` filled in) and return its path."""
+
+    def write(text: str, name: str = "spoold.yaml") -> Path:
+        path = tmp_path / name
+        body = textwrap.dedent(text).replace("{spool}", str(tmp_path / "spool")).replace("{tmp}", str(tmp_path))
+        path.write_text(body)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start daemons on configs; every one still running is stopped at the end of the test."""
+    started: list[DaemonProcess] = []
+
+    def start(config: Path, env: dict[str, str] | None = None, wait: bool = True) -> DaemonProcess:
+        process = DaemonProcess(config, tmp_path / f"daemon{len(started)}.log", env).start()
+        started.append(process)
+        if wait:
+            process.wait_ready(tmp_path / "spool")
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+        if not leaked:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"test leaked threads: {leaked}")
