@@ -149,7 +149,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if bool(args.item) == bool(args.all):
         raise CliError("say which failed item to retry, or --all", EX_USAGE)
     folders = SpoolLayout(config.spool, config.queues).queues[args.queue]
-    names = [args.item] if args.item else sorted(p.name for p in folders.failed.iterdir()) if folders.failed.is_dir() else []
+    if args.item:
+        names = [args.item]
+    else:
+        names = sorted(p.name for p in folders.failed.iterdir()) if folders.failed.is_dir() else []
     retried = 0
     for name in names:
         sidecar = Sidecar.load(folders.sidecar_path(name))

@@ -84,9 +84,10 @@ def _current_step(document: dict[str, Any]) -> dict[str, Any] | None:
 def render_table(data: dict[str, Any], *, is_all: bool, width: int | None = None) -> str:
     width = width or shutil.get_terminal_size((100, 20)).columns
     daemon = data["daemon"]
-    head = f"spool {data['spool']}: " + (
-        f"daemon running (pid {daemon['pid']}), {daemon.get('status') or ''}" if daemon["running"] else "daemon not running"
-    )
+    if daemon["running"]:
+        head = f"spool {data['spool']}: daemon running (pid {daemon['pid']}), {daemon.get('status') or ''}"
+    else:
+        head = f"spool {data['spool']}: daemon not running"
     lines = [head]
     for queue, info in data["queues"].items():
         counts = ", ".join(f"{n} {s}" for s, n in sorted(info["counts"].items())) or "empty"
@@ -96,7 +97,7 @@ def render_table(data: dict[str, Any], *, is_all: bool, width: int | None = None
             continue
         lines.append(f"  {'ITEM':<32} {'STATE':<9} {'STEP':<10} PROGRESS")
         for item in items[-200:]:
-            lines.append(f"  {_cut(str(item['item']), 32):<32} {item['state']:<9} {str(item['step'] or '-'):<10} "
+            lines.append(f"  {_cut(str(item['item']), 32):<32} {item['state']:<9} {item['step'] or '-'!s:<10} "
                          f"{_progress_text(item, width - 56)}")  # fmt: skip
     return "\n".join(lines)
 

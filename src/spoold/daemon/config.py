@@ -143,7 +143,8 @@ def load_config(path: Path | None) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config: {exc.strerror if isinstance(exc, OSError) else exc}", file=str(path))
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ConfigError(f"cannot read config: {reason}", file=str(path)) from None
     return parse_config(text, str(path))
 
 

@@ -99,7 +99,7 @@ class Intake:
                 del self.candidates[name]
         return arrivals
 
-    def _check(self, name: str, candidate: Candidate, now: float) -> Arrival | None:  # noqa: PLR0911
+    def _check(self, name: str, candidate: Candidate, now: float) -> Arrival | None:
         path = self.inbox / name
         marker = name + READY_SUFFIX
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import ClassVar
 
 from spoold.redact import RedactingFilter
 
@@ -15,7 +16,9 @@ _QUIET_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "paramiko", "wat
 class JournalFormatter(logging.Formatter):
     """`<3>message`: journald reads the syslog priority prefix and adds its own timestamp."""
 
-    PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+    PRIORITIES: ClassVar[dict[int, int]] = {
+        logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7,
+    }  # fmt: skip
 
     def format(self, record: logging.LogRecord) -> str:
         priority = self.PRIORITIES.get(record.levelno, 6)

@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,7 +71,7 @@ class ItemContext:
         stem, dot, ext = name.rpartition(".")
         values: dict[str, Any] = {
             "name": name, "stem": stem if dot else name, "ext": ext if dot else "", "queue": self.queue,
-            "host": self._runner.config.host, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "host": self._runner.config.host, "date": datetime.now(UTC).strftime("%Y-%m-%d"),
             "original_name": doc["original_name"], "item": name, "item_dir": str(self.item_dir),
             "path": str(self.payload[0]) if self.payload else str(self.item_dir),
         }  # fmt: skip

@@ -99,8 +99,8 @@ class Daemon:
 
     def _add_queue(self, name: str, queue: Queue) -> None:
         folders = self.layout.queues[name]
-        state = QueueState(queue, folders, Intake(queue, folders.inbox),
-                           ThreadPoolExecutor(max_workers=queue.spec.concurrency, thread_name_prefix=f"q-{name}"))  # fmt: skip
+        executor = ThreadPoolExecutor(max_workers=queue.spec.concurrency, thread_name_prefix=f"q-{name}")
+        state = QueueState(queue, folders, Intake(queue, folders.inbox), executor)
         self.queues[name] = state
         recursive = queue.spec.items == "bundles" and queue.spec.ready == "settle"
         self.watcher.watch(folders.inbox, recursive=recursive)
@@ -148,9 +148,9 @@ class Daemon:
         elif kind == "finished":
             self._finished(message[1], message[2], message[3])
         elif kind == "adopt":
-            state = self.queues.get(message[1])
-            if state is not None:
-                self._schedule_existing(state, message[2])
+            target = self.queues.get(message[1])
+            if target is not None:
+                self._schedule_existing(target, message[2])
         elif kind == "signal":
             return self._on_signal(message[1])
         return None

@@ -21,8 +21,8 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.inotify import InotifyEmitter, InotifyFD
-from watchdog.observers.inotify_c import InotifyConstants, Mask
+from watchdog.observers.inotify import InotifyEmitter
+from watchdog.observers.inotify_c import InotifyConstants, InotifyFD, Mask
 
 log = logging.getLogger(__name__)
 

@@ -47,6 +47,6 @@ def _scalar(node: yaml.Node, file: str) -> Any:
     if not isinstance(node, yaml.ScalarNode):
         raise ConfigError("a key must be a plain value", file=file, line=node.start_mark.line + 1)
     try:
-        return yaml.SafeLoader("").construct_object(node)  # type: ignore[no-untyped-call]
+        return yaml.SafeLoader("").construct_object(node)
     except yaml.YAMLError as exc:
         raise ConfigError(f"bad value: {exc}", file=file, line=node.start_mark.line + 1) from None

@@ -11,6 +11,7 @@ SPOOLD_PAYLOAD set. A re-run after a crash runs it again: make it idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -57,7 +58,7 @@ class Exec(Handler[ExecOptions]):
                                            stderr=err, start_new_session=True)  # fmt: skip
             except OSError as exc:
                 raise PermanentError(f"cannot run {argv[0]}: {exc.strerror}") from None
-            code = self._wait(ctx, process)
+            code = self._wait(ctx, process, argv[0])
             stdout, stderr = _read(out), _read(err)
         for line in (stdout + stderr).splitlines()[-50:]:
             ctx.log.info("%s: %s", os.path.basename(argv[0]), line)
@@ -68,7 +69,7 @@ class Exec(Handler[ExecOptions]):
         fields = self._captured_fields(stdout) if self.options.capture_fields else {}
         return StepResult(result={"exit_code": 0, "fields": sorted(fields)}, fields=fields)
 
-    def _wait(self, ctx: StepContext, process: subprocess.Popen[bytes]) -> int:
+    def _wait(self, ctx: StepContext, process: subprocess.Popen[bytes], program: str) -> int:
         deadline = time.monotonic() + self.options.timeout if self.options.timeout is not None else None
         while True:
             try:
@@ -82,7 +83,7 @@ class Exec(Handler[ExecOptions]):
                 raise
             if deadline is not None and time.monotonic() > deadline:
                 _kill(process)
-                raise TransientError(f"{process.args[0]} timed out after {self.options.timeout:g}s")  # type: ignore[index]
+                raise TransientError(f"{program} timed out after {self.options.timeout:g}s")
 
     @staticmethod
     def _captured_fields(stdout: str) -> dict[str, Any]:
@@ -103,10 +104,8 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=5)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         process.wait()
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,9 +96,8 @@ class Ship(Handler[ShipOptions]):
             if target.remote in finished:
                 continue
             ctx.check_stop()
-            base = done_bytes
             transfer = TransferContext(
-                progress=lambda n, _total, base=base: ctx.progress(base + n, total),
+                progress=_offset_progress(ctx, done_bytes, total),
                 checkpoint=ctx.checkpoint.data.setdefault("transfer", {}).setdefault(target.remote, {}),
                 save_checkpoint=ctx.checkpoint.save,
                 check_stop=ctx.check_stop,
@@ -187,6 +187,13 @@ class Ship(Handler[ShipOptions]):
                 digests[relative] = by_algorithm["sha256"]
         del paths
         return digests
+
+
+def _offset_progress(ctx: StepContext, base: int, total: int) -> Callable[[int, int], None]:
+    def report(done: int, _target_total: int) -> None:
+        ctx.progress(base + done, total)
+
+    return report
 
 
 def _size(path: Path) -> int:
