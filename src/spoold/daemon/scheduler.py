@@ -75,6 +75,7 @@ class Daemon:
         self.free_bytes = 0
         self.last_error: dict[str, Any] | None = None
         self._term_count = 0
+        self._is_status_stale = True
         self._next = {"health": 0.0, "disk": 0.0, "rescan": 0.0, "watchdog": 0.0}
 
     # ---- start -------------------------------------------------------------------------------------------------
@@ -209,6 +210,9 @@ class Daemon:
         if now >= self._next["health"]:
             self._write_health()
             self._next["health"] = now + HEALTH_INTERVAL_SECONDS
+        elif self._is_status_stale:
+            self._is_status_stale = False
+            self.notifier.status(self.node_status().status_line())
 
     # ---- intake ------------------------------------------------------------------------------------------------
 
@@ -321,6 +325,7 @@ class Daemon:
     def _set_state(self, queue: str, item: str, state: str) -> None:
         with self._states_lock:
             self.states[(queue, item)] = state
+            self._is_status_stale = True
 
     def _forget(self, queue: str, item: str) -> None:
         with self._states_lock:

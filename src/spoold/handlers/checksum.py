@@ -60,6 +60,7 @@ class Checksum(Handler[ChecksumOptions]):
             nonlocal done
             done += n
             ctx.progress(done, total)
+            ctx.check_stop()
 
         digests: dict[str, dict[str, str]] = {}
         for path in files:
