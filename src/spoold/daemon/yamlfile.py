@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 
 from spoold.errors import ConfigError
-from spoold.options import YamlPath
+from spoold.options import YamlPath, format_path
 
 
 def load_yaml(text: str, file: str) -> tuple[Any, dict[YamlPath, int]]:
@@ -32,9 +32,10 @@ def _to_data(node: yaml.Node, path: YamlPath, lines: dict[YamlPath, int], file: 
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = _scalar(key_node, file)
-            if key in result:
-                raise ConfigError(f"duplicate key {key!r}", file=file, line=key_node.start_mark.line + 1)
             child: YamlPath = (*path, str(key))
+            if key in result:
+                raise ConfigError(f"duplicate key {key!r}", file=file, path=format_path(child),
+                                  line=key_node.start_mark.line + 1)  # fmt: skip
             result[key] = _to_data(value_node, child, lines, file)
             lines[child] = key_node.start_mark.line + 1
         return result
