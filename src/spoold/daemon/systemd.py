@@ -53,7 +53,8 @@ class Notifier:
             self.send(f"STATUS={text}")
 
     def watchdog(self) -> None:
-        self.send("WATCHDOG=1")
+        if self.watchdog_interval_seconds is not None:
+            self.send("WATCHDOG=1")
 
     def reloading(self) -> None:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
