@@ -99,7 +99,8 @@ def adopt_orphan(config: Config, queue: Queue, folders: QueueFolders, item: str)
         kind = "bundle" if (item_dir / item).is_dir() else "file"
         sidecar = create_sidecar(config, queue, folders, item, original_name=item, kind=kind, fields=fields or {},
                                  payload=[item])  # fmt: skip
+    sidecar.write()
+    if queue.spec.items != "requests":
         with contextlib.suppress(FileNotFoundError):
             marker.unlink()
-    sidecar.write()
     return sidecar

@@ -14,6 +14,7 @@ import logging
 import os
 import queue as queue_module
 import signal
+import stat
 import threading
 import time
 from collections import deque
@@ -228,7 +229,7 @@ class Daemon:
             kind = "request"
             request, problem = read_json_object(folders.inbox / arrival.entry)
             fields, rejection = request or {}, problem
-        if kind == "file" and (folders.inbox / arrival.entry).is_dir() and not arrival.rejection:
+        if kind == "file" and _is_real_dir(folders.inbox / arrival.entry):
             kind = "bundle"
         name = folders.claim(arrival.entry, item_name_for(arrival.entry, kind), keep_entry_name=(kind == "request"))
         if name is None:
@@ -411,3 +412,10 @@ class Daemon:
             self._write_health()
         self.notifier.close()
         log.info("spoold stopped")
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
