@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess, read_sidecar, sidecar_state, wait_for
+from tests.conftest import DaemonProcess, read_sidecar, sidecar_state, wait_for
 
 DATA = Path(__file__).resolve().parent / "data"
 

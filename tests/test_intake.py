@@ -1,0 +1,210 @@
+"""Intake through the real daemon: settle, ignore patterns, bundles, requests, collisions, rejections, scans."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import DaemonProcess, read_sidecar, sidecar_state, wait_for
+
+Start = Callable[..., DaemonProcess]
+WriteConfig = Callable[[str], Path]
+
+
+def one_queue(write_config: WriteConfig, extra: str = "", chain: str = "[checksum]", rescan: str = "60s") -> Path:
+    return write_config(f"""\
+spool: {{spool}}
+rescan: {rescan}
+queues:
+  q:
+    chain: {chain}
+{extra}""")
+
+
+def inbox(spool: Path, queue: str = "q") -> Path:
+    return spool / queue / "inbox"
+
+
+def sidecar_names(spool: Path, queue: str = "q") -> list[str]:
+    return sorted(p.name[: -len(".json")] for p in (spool / queue / "status").glob("*.json"))
+
+
+def test_file_is_claimed_only_after_settle(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
+    daemon(one_queue(write_config, "    settle: 1s\n"))
+    path = inbox(spool) / "a.bin"
+    path.write_bytes(b"a" * 100)
+    closed = time.time()
+    doc = wait_for(lambda: read_sidecar(spool, "q", "a.bin"), 10, "claim")
+    created = time.mktime(time.strptime(doc["created"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    created += float("0." + doc["created"][20:23])
+    assert created - closed >= 0.9, f"claimed {created - closed:.2f}s after close; settle is 1s"
+    assert wait_for(sidecar_state(spool, "q", "a.bin", "done"))["steps"][0]["result"]["bytes"] == 100
+
+
+def test_file_still_being_appended_is_not_claimed(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
+    daemon(one_queue(write_config, "    settle: 1s\n", rescan="1s"))
+    path = inbox(spool) / "growing.bin"
+    # Appends with a close between them (each close is an event) ...
+    for _ in range(8):
+        with open(path, "ab") as stream:
+            stream.write(b"x" * 1000)
+        time.sleep(0.3)
+        assert read_sidecar(spool, "q", "growing.bin") is None, "claimed while still being appended"
+    # ... then appends on one open handle (no event at all; only scans see it).
+    with open(path, "ab") as stream:
+        for _ in range(8):
+            stream.write(b"y" * 1000)
+            stream.flush()
+            time.sleep(0.3)
+            assert read_sidecar(spool, "q", "growing.bin") is None, "claimed while still open and growing"
+    done = wait_for(sidecar_state(spool, "q", "growing.bin", "done"), 10, "growing file done")
+    assert done["steps"][0]["result"]["bytes"] == 16000
+
+
+def test_ignore_patterns(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
+    config = write_config("""\
+        spool: {spool}
+        rescan: 1s
+        queues:
+          q:
+            settle: 0s
+            chain: [checksum]
+          custom:
+            settle: 0s
+            ignore: ['*.wip']
+            chain: [checksum]
+        """)
+    daemon(config)
+    ignored = [".hidden", "upload.part", "data.tmp", "notes.txt~"]
+    for name in ignored:
+        (inbox(spool) / name).write_text(name)
+    (inbox(spool, "custom") / "x.wip").write_text("wip")
+    (inbox(spool, "custom") / "x.part").write_text("part is not ignored here: patterns replace the default")
+    time.sleep(1.5)  # let a rescan pass over the ignored names (rescan: 1s)
+    (inbox(spool) / "real.txt").write_text("real")
+    wait_for(sidecar_state(spool, "q", "real.txt", "done"), 10, "real file done")
+    wait_for(sidecar_state(spool, "custom", "x.part", "done"), 10, "x.part done in the custom queue")
+    assert sidecar_names(spool) == ["real.txt"]
+    assert sorted(os.listdir(inbox(spool))) == sorted(ignored)
+    assert os.listdir(inbox(spool, "custom")) == ["x.wip"]
+
+
+def test_bundle_with_ready_marker(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
+    daemon(one_queue(write_config, """\
+    items: bundles
+    settle: 0s
+    fields: {pattern: '^(?P<repo_id>.+)_ep(?P<episode_index>\\d+)$'}
+""", chain="[checksum, manifest]", rescan="1s"))
+    episode = inbox(spool) / "robot_ep7"
+    for cam in ("cam_left", "cam_right"):
+        (episode / cam).mkdir(parents=True)
+        for i in range(3):
+            (episode / cam / f"frame_{i}.png").write_bytes(bytes([i]) * 10)
+    time.sleep(1.5)  # a rescan runs; the folder has no marker, so it stays
+    assert read_sidecar(spool, "q", "robot_ep7") is None
+    (inbox(spool) / "robot_ep7.ready").write_text(json.dumps({"operator": "ann", "episode_index": "7"}))
+    doc = wait_for(sidecar_state(spool, "q", "robot_ep7", "done"), 10, "bundle done")
+    assert doc["kind"] == "bundle"
+    assert doc["fields"] == {"repo_id": "robot", "episode_index": "7", "operator": "ann"}
+    assert doc["steps"][0]["result"]["bytes"] == 60
+    assert os.listdir(inbox(spool)) == [], "the marker is consumed with its item"
+    manifest = json.loads((spool / "q" / "done" / "robot_ep7" / "robot_ep7.manifest.json").read_text())
+    assert len(manifest["files"]) == 6 and manifest["fields"]["operator"] == "ann"
+
+
+def test_bundle_ready_by_settle(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
+    daemon(one_queue(write_config, "    items: bundles\n    ready: settle\n    settle: 1s\n"))
+    folder = inbox(spool) / "batch"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.txt").write_text(str(i))
+        time.sleep(0.3)
+        assert read_sidecar(spool, "q", "batch") is None, "claimed while files were still arriving"
+    (folder / "sub").mkdir()
+    (folder / "sub" / "late.txt").write_text("late")
+    doc = wait_for(sidecar_state(spool, "q", "batch", "done"), 10, "settled bundle done")
+    assert doc["kind"] == "bundle" and doc["steps"][0]["result"]["bytes"] == 9
+    assert sorted(os.listdir(spool / "q" / "done" / "batch" / "batch")) == ["0.txt", "1.txt", "2.txt", "3.txt",
+                                                                           "4.txt", "sub"]  # fmt: skip
+
+
+def test_requests_queue(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
+    daemon(one_queue(write_config, "    items: requests\n    settle: 0s\n",
+                     chain="[{exec: {argv: [/bin/echo, '{session}']}}]"))  # fmt: skip
+    (inbox(spool) / "abc.json").write_text(json.dumps({"session": "s42", "n": 3}))
+    (inbox(spool) / "broken.json").write_text("{not json")
+    (inbox(spool) / "list.json").write_text("[1, 2]")
+    (inbox(spool) / "notes.txt").write_text("not a request")
+    doc = wait_for(sidecar_state(spool, "q", "abc", "done"), 10, "request done")
+    assert doc["kind"] == "request" and doc["fields"] == {"session": "s42", "n": 3}
+    assert doc["original_name"] == "abc.json"
+    broken = wait_for(sidecar_state(spool, "q", "broken", "failed"), 10, "invalid request failed")
+    assert "not valid JSON" in broken["error"]["message"] and broken["error"]["retryable"] is False
+    assert (spool / "q" / "failed" / "broken").is_dir()
+    listed = wait_for(sidecar_state(spool, "q", "list", "failed"), 10, "non-object request failed")
+    assert "object" in listed["error"]["message"]
+    notes = wait_for(sidecar_state(spool, "q", "notes.txt", "failed"), 10, "non-json file failed")
+    assert ".json" in notes["error"]["message"]
+
+
+def test_name_collision_makes_a_new_item(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
+    daemon(one_queue(write_config, "    settle: 0s\n"))
+    (inbox(spool) / "foo.mp4").write_bytes(b"first")
+    wait_for(sidecar_state(spool, "q", "foo.mp4", "done"), 10, "first foo.mp4")
+    (inbox(spool) / "foo.mp4").write_bytes(b"second!")
+    second = wait_for(sidecar_state(spool, "q", "foo.1.mp4", "done"), 10, "second foo.mp4 as foo.1.mp4")
+    assert second["original_name"] == "foo.mp4"
+    assert (spool / "q" / "done" / "foo.mp4" / "foo.mp4").read_bytes() == b"first"
+    assert (spool / "q" / "done" / "foo.1.mp4" / "foo.1.mp4").read_bytes() == b"second!"
+    (inbox(spool) / "foo.mp4").write_bytes(b"third")
+    third = wait_for(sidecar_state(spool, "q", "foo.2.mp4", "done"), 10, "third as foo.2.mp4")
+    assert third["original_name"] == "foo.mp4"
+
+
+def test_symlink_fifo_and_folder_are_rejected_unread(tmp_path: Path, write_config: WriteConfig, spool: Path,
+                                                     daemon: Start) -> None:  # fmt: skip
+    daemon(one_queue(write_config, "    settle: 0s\n", rescan="1s"))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read me")
+    os.symlink(secret, inbox(spool) / "link.txt")
+    os.mkfifo(inbox(spool) / "pipe")
+    (inbox(spool) / "folder").mkdir()
+    (inbox(spool) / "folder" / "x").write_text("x")
+    link = wait_for(sidecar_state(spool, "q", "link.txt", "failed"), 10, "symlink rejected")
+    assert "symlink" in link["error"]["message"] and "never followed" in link["error"]["message"]
+    pipe = wait_for(sidecar_state(spool, "q", "pipe", "failed"), 10, "FIFO rejected")
+    assert "FIFO" in pipe["error"]["message"]
+    folder = wait_for(sidecar_state(spool, "q", "folder", "failed"), 10, "folder rejected")
+    assert "folder" in folder["error"]["message"] and "bundles" in folder["error"]["message"]
+    moved = spool / "q" / "failed" / "link.txt" / "link.txt"
+    assert moved.is_symlink(), "the link itself is kept in failed/, not its target"
+    assert secret.read_text() == "do not read me"
+    assert (spool / "q" / "failed" / "pipe" / "pipe").is_fifo()
+    assert all(d["steps"][0]["state"] == "pending" for d in (link, pipe, folder)), "no step ran"
+
+
+def test_files_present_before_start_are_found(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
+    config = one_queue(write_config, "    settle: 0s\n")
+    inbox(spool).mkdir(parents=True)
+    for i in range(5):
+        (inbox(spool) / f"early{i}.txt").write_text(str(i))
+    daemon(config)
+    for i in range(5):
+        wait_for(sidecar_state(spool, "q", f"early{i}.txt", "done"), 10, f"early{i} done")
+
+
+def test_file_missed_by_inotify_is_found_by_rescan_once(tmp_path: Path, write_config: WriteConfig, spool: Path,
+                                                         daemon: Start) -> None:  # fmt: skip
+    process = daemon(one_queue(write_config, "    settle: 0s\n", rescan="1s"))
+    outside = tmp_path / "outside.txt"
+    outside.write_text("linked in")
+    # A hard link makes only IN_CREATE, which the daemon does not subscribe to: only a rescan finds it.
+    os.link(outside, inbox(spool) / "linked.txt")
+    doc = wait_for(sidecar_state(spool, "q", "linked.txt", "done"), 10, "linked file done")
+    assert doc["attempts"] == 1
+    time.sleep(2.5)  # two more rescans must not claim anything again
+    assert sidecar_names(spool) == ["linked.txt"]
+    assert process.log().count("q/linked.txt: claimed") == 1
