@@ -176,10 +176,13 @@ class Daemon:
         return None
 
     def _next_wakeup(self) -> float:
-        deadlines = [v for v in self._next.values()]
+        deadlines = list(self._next.values())
+        if self.stop_event.is_set():
+            return min(deadlines)
         for state in self.queues.values():
             deadline = state.intake.next_deadline()
-            if deadline is not None:
+            # While intake is paused, due arrivals wait for the disk check, not for a spinning loop.
+            if deadline is not None and not self.is_intake_paused:
                 deadlines.append(deadline)
             deadlines.extend(state.retry_at.values())
         return min(deadlines)
