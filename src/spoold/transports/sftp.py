@@ -1,0 +1,359 @@
+"""sftp:// — another node over SSH (paramiko), one connection per destination, reused across items.
+
+Uploads go to `.<name>.spoold.part` beside the target, resume from the remote
+size once the remote prefix hashes like the local one (a corrupted partial is
+re-sent, unlike `sftp reput`), are hashed while sent, verified on the far side
+(`sha256sum` over an exec channel, else by reading back) and then renamed into
+place with `posix-rename`. Host keys are checked against `known_hosts`, or
+recorded on first use with `host_key: tofu`; never accepted silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import posixpath
+import re
+import shlex
+import shutil
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from spoold.daemon.sidecar import fsync_dir
+from spoold.errors import ChecksumMismatch, PermanentError, SpooldError, TransientError
+from spoold.transports.base import Delivered, RemoteEntry, TransferContext, Transport, join_remote
+from spoold.transports.sftp_tree import (
+    CHUNK_BYTES,
+    REQUEST_BYTES,
+    entry,
+    fetch,
+    has_magic,
+    local_tree,
+    makedirs,
+    match,
+    read_back_sha256,
+    rmtree,
+    walk,
+)
+from spoold.transports.ssh_connect import connect
+
+log = logging.getLogger("spoold.sftp")
+
+PART_SUFFIX = ".spoold.part"
+WINDOW_BYTES = 64 << 20
+PACKET_BYTES = 32 << 10
+VERIFY_BATCH = 200
+CHECKPOINT_EVERY_BYTES = 64 << 20
+
+
+def temp_name(target: str) -> str:
+    folder, name = posixpath.split(target.rstrip("/"))
+    return posixpath.join(folder, f".{name}{PART_SUFFIX}")
+
+
+class SftpTransport(Transport):
+    def __init__(self, url: Any, settings: Mapping[str, Any]) -> None:
+        super().__init__(url, settings)
+        self._lock = threading.Lock()
+        self._ssh: paramiko.Transport | None = None
+        self._local = threading.local()
+        self._can_exec: bool | None = None
+        self._io_timeout = max(float(settings.get("connect_timeout") or 30), 30.0)
+
+    # -- connection -------------------------------------------------------------------------------
+
+    def is_usable(self) -> bool:
+        return self._ssh is None or self._ssh.is_active()
+
+    def close(self) -> None:
+        with self._lock:
+            ssh, self._ssh = self._ssh, None
+        if ssh is not None:
+            ssh.close()
+
+    def _client(self) -> paramiko.SFTPClient:
+        """This thread's SFTP session on the shared SSH connection; reconnects when it died."""
+        with self._lock:
+            if self._ssh is None or not self._ssh.is_active():
+                with self._mapped(f"connect to {self.url.host}"):
+                    self._ssh = connect(self.url, self.settings, WINDOW_BYTES, PACKET_BYTES)
+                self._can_exec = None
+            ssh = self._ssh
+        client: paramiko.SFTPClient | None = getattr(self._local, "client", None)
+        if client is None or client.get_channel().get_transport() is not ssh or client.get_channel().closed:
+            with self._mapped(f"open an SFTP session on {self.url.host}"):
+                client = paramiko.SFTPClient.from_transport(ssh, window_size=WINDOW_BYTES, max_packet_size=PACKET_BYTES)
+                if client is None:
+                    raise TransientError(f"{self.url.host} refused an SFTP session")
+                client.get_channel().settimeout(self._io_timeout)
+            self._local.client = client
+        return client
+
+    @contextlib.contextmanager
+    def _mapped(self, what: str) -> Iterator[None]:
+        """paramiko, socket and SFTP status errors -> spoold's classes, at the boundary."""
+        try:
+            yield
+        except SpooldError:
+            raise
+        except paramiko.AuthenticationException as exc:
+            raise PermanentError(f"{what}: authentication refused: {exc}") from None
+        except TimeoutError:
+            self._drop()
+            raise TransientError(f"{what}: timed out") from None
+        except (paramiko.SSHException, EOFError) as exc:
+            self._drop()
+            raise TransientError(f"{what}: connection lost: {exc or type(exc).__name__}") from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise PermanentError(f"{what}: permission denied") from None
+            if exc.errno == errno.ENOENT:
+                raise PermanentError(f"{what}: no such file or folder ({exc.filename or reason})") from None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TransientError(f"{what}: no space left: {reason}") from None
+            # Resets, refused connections and SFTP's bare "Failure" (how sftp-server reports a full disk).
+            raise TransientError(f"{what}: {reason}") from None
+
+    def _drop(self) -> None:
+        if self._ssh is not None and not self._ssh.is_active():
+            self._local.client = None
+
+    # -- upload -----------------------------------------------------------------------------------
+
+    def put_file(self, source: Path, target: str, sha256: str | None, ctx: TransferContext) -> Delivered:
+        client = self._client()
+        tmp = temp_name(target)
+        with self._mapped(f"upload to {self.url.host}:{target}"):
+            makedirs(client, posixpath.dirname(target))
+            size, sent = self._send(client, source, tmp, ctx, 0)
+            if sha256 and sent != sha256:
+                raise PermanentError(f"{source.name} changed since its checksum was taken")
+            self._verify(client, {tmp: sha256 or sent}, target)
+            client.posix_rename(tmp, target)
+        return Delivered(target, size, is_verified=True)
+
+    def put_tree(self, source: Path, target: str, digests: Mapping[str, str], ctx: TransferContext) -> Delivered:
+        client = self._client()
+        final = target.rstrip("/")
+        tmp = temp_name(final)
+        verified: list[str] = ctx.checkpoint.setdefault("verified", [])
+        done_set = set(verified)
+        total = 0
+        with self._mapped(f"upload to {self.url.host}:{final}"):
+            makedirs(client, tmp)
+            pending: dict[str, str] = {}
+            for relative, path in local_tree(source):
+                remote = join_remote(tmp, relative)
+                if path is None:
+                    makedirs(client, remote)
+                    continue
+                if relative in done_set:
+                    total += path.stat().st_size
+                    continue
+                ctx.check_stop()
+                makedirs(client, posixpath.dirname(remote))
+                size, sent = self._send(client, path, remote, ctx, total)
+                total += size
+                if relative in digests and digests[relative] != sent:
+                    raise PermanentError(f"{relative} changed since its checksum was taken")
+                pending[remote] = sent
+                if len(pending) >= VERIFY_BATCH:
+                    self._verify_batch(client, pending, tmp, verified, ctx)
+            self._verify_batch(client, pending, tmp, verified, ctx)
+            if self.stat(final) is not None:
+                # An earlier delivery of the same item (a re-run after a crash) is replaced whole.
+                rmtree(client, final)
+            client.posix_rename(tmp, final)
+        return Delivered(final, total, is_verified=True)
+
+    def _verify_batch(
+        self, client: paramiko.SFTPClient, pending: dict[str, str], tmp: str, verified: list[str], ctx: TransferContext
+    ) -> None:
+        if not pending:
+            return
+        self._verify(client, pending, tmp)
+        verified.extend(posixpath.relpath(p, tmp) for p in pending)
+        pending.clear()
+        ctx.save_checkpoint()
+
+    def write_small(self, target: str, data: bytes) -> None:
+        client = self._client()
+        tmp = temp_name(target)
+        with self._mapped(f"write {self.url.host}:{target}"):
+            makedirs(client, posixpath.dirname(target))
+            with client.open(tmp, "wb") as stream:
+                stream.write(data)
+            client.posix_rename(tmp, target)
+
+    def _send(
+        self, client: paramiko.SFTPClient, source: Path, remote: str, ctx: TransferContext, base: int
+    ) -> tuple[int, str]:
+        """Write `source` to `remote`, resuming a partial whose prefix matches; return (size, sha256 sent)."""
+        size = source.stat().st_size
+        hasher = hashlib.sha256()
+        with open(source, "rb", buffering=0) as reader:
+            offset = self._resume_offset(client, remote, reader, hasher, size)
+            if not offset:
+                hasher = hashlib.sha256()
+                reader.seek(0)
+            ctx.checkpoint.update(remote_tmp=remote, offset=offset)
+            ctx.save_checkpoint()
+            with client.open(remote, "r+b" if offset else "wb") as writer:
+                writer.MAX_REQUEST_SIZE = REQUEST_BYTES
+                writer.set_pipelined(True)
+                writer.seek(offset)
+                done, saved = offset, offset
+                ctx.progress(base + done, base + size)
+                while chunk := reader.read(CHUNK_BYTES):
+                    hasher.update(chunk)
+                    writer.write(chunk)
+                    done += len(chunk)
+                    ctx.progress(base + done, base + size)
+                    if done - saved >= CHECKPOINT_EVERY_BYTES:
+                        ctx.check_stop()
+                        ctx.checkpoint["offset"] = saved = done
+                        ctx.save_checkpoint()
+        return size, hasher.hexdigest()
+
+    def _resume_offset(self, client: paramiko.SFTPClient, remote: str, reader: Any, hasher: Any, size: int) -> int:
+        """How much of a remote partial can be kept: all of it when its prefix matches the local file."""
+        try:
+            existing = client.stat(remote).st_size or 0
+        except FileNotFoundError:
+            return 0
+        if not 0 < existing <= size:
+            return 0
+        left = existing
+        while left and (chunk := reader.read(min(CHUNK_BYTES, left))):
+            hasher.update(chunk)
+            left -= len(chunk)
+        remote_digest = self._remote_sha256(client, remote, existing)
+        if remote_digest != hasher.copy().hexdigest():
+            log.warning("%s: the partial upload does not match the local file; sending it again", remote)
+            return 0
+        log.info("%s: resuming upload at %d of %d bytes", remote, existing, size)
+        return existing
+
+    # -- verification -----------------------------------------------------------------------------
+
+    def _verify(self, client: paramiko.SFTPClient, expected: Mapping[str, str], shown: str) -> None:
+        actual = self._remote_sha256_many(client, list(expected))
+        bad = [path for path, digest in expected.items() if actual.get(path) != digest]
+        for path in bad:
+            with contextlib.suppress(OSError):
+                client.remove(path)
+        if bad:
+            raise ChecksumMismatch(f"{len(bad)} file(s) at {self.url.host}:{shown} do not hash to what was sent "
+                                   f"(first: {posixpath.basename(bad[0])}); they will be sent again")  # fmt: skip
+
+    def _remote_sha256_many(self, client: paramiko.SFTPClient, paths: list[str]) -> dict[str, str]:
+        hashed: dict[str, str] = {}
+        if self._can_exec is not False:
+            output = self._exec("sha256sum -- " + " ".join(shlex.quote(p) for p in paths))
+            for line in (output or "").splitlines():
+                digest, _, name = line.partition("  ")
+                if re.fullmatch(r"[0-9a-f]{64}", digest):
+                    hashed[name] = digest
+        for path in paths:
+            if path not in hashed:
+                hashed[path] = read_back_sha256(client, path, None)
+        return hashed
+
+    def _remote_sha256(self, client: paramiko.SFTPClient, path: str, length: int) -> str:
+        if self._can_exec is not False:
+            output = self._exec(f"head -c {int(length)} -- {shlex.quote(path)} | sha256sum")
+            match = re.match(r"([0-9a-f]{64})\s", output or "")
+            if match:
+                return match.group(1)
+        return read_back_sha256(client, path, length)
+
+    def _exec(self, command: str) -> str | None:
+        """stdout of `command` on the far side, or None when the server does not run commands for us."""
+        assert self._ssh is not None
+        try:
+            channel = self._ssh.open_session()
+        except paramiko.ChannelException:
+            self._can_exec = False
+            return None
+        with channel:
+            # Hashing a large file on the far side can take a while before the first byte comes back.
+            channel.settimeout(max(self._io_timeout, 600.0))
+            channel.exec_command(command)
+            output = bytearray()
+            while data := channel.recv(65536):
+                output += data
+            status = channel.recv_exit_status()
+        if status in (126, 127, -1):
+            self._can_exec = False
+            return None
+        self._can_exec = True
+        return output.decode(errors="replace") if status == 0 else None
+
+    def stat(self, target: str) -> RemoteEntry | None:
+        client = self._client()
+        with self._mapped(f"stat {self.url.host}:{target}"):
+            try:
+                attrs = client.stat(target)
+            except FileNotFoundError:
+                return None
+        return entry(target, attrs)
+
+    def glob(self, pattern: str) -> list[RemoteEntry]:
+        parts = pattern.split("/")
+        first = next((i for i, p in enumerate(parts) if has_magic(p)), None)
+        if first is None:
+            entry = self.stat(pattern)
+            return [entry] if entry else []
+        client = self._client()
+        with self._mapped(f"list {self.url.host}:{pattern}"):
+            return match(client, "/".join(parts[:first]) or "/", parts[first:], [0])
+
+    def read_bytes(self, target: str, limit: int = 1 << 20) -> bytes:
+        client = self._client()
+        with self._mapped(f"read {self.url.host}:{target}"), client.open(target, "rb") as stream:
+            data: bytes = stream.read(limit)
+        return data
+
+    def get_tree(self, source: str, target: Path, ctx: TransferContext) -> list[Path]:
+        client = self._client()
+        origin = source.rstrip("/") or "/"
+        name = posixpath.basename(origin)
+        final, tmp = target / name, target / f".{name}{PART_SUFFIX}"
+        with self._mapped(f"download {self.url.host}:{origin}"):
+            top = self.stat(origin)
+            if top is None:
+                raise PermanentError(f"{self.url.host}:{origin} does not exist")
+            target.mkdir(parents=True, exist_ok=True)
+            files = walk(client, origin) if top.is_dir else [("", top.size)]
+            total, done = sum(s for _, s in files if s >= 0), 0
+            if top.is_dir:
+                tmp.mkdir(exist_ok=True)
+            for relative, size in files:
+                local = tmp / relative if relative else tmp
+                if size < 0:
+                    local.mkdir(parents=True, exist_ok=True)
+                    continue
+                ctx.check_stop()
+                local.parent.mkdir(parents=True, exist_ok=True)
+                remote = join_remote(origin, relative) if relative else origin
+
+                def report(n: int, base: int = done) -> None:
+                    ctx.progress(base + n, total)
+
+                fetch(client, remote, local, size, report)
+                done += size
+            if final.is_dir() and not final.is_symlink():
+                # An earlier landing of this same pull (a re-run after a crash) is replaced whole.
+                os.rename(final, target / f".{name}.spoold.old")
+                shutil.rmtree(target / f".{name}.spoold.old", ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_dir(target)
+        return [final]
