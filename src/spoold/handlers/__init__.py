@@ -13,6 +13,11 @@ HANDLERS: dict[str, str] = {
     "forward": "spoold.handlers.forward:Forward",
     "exec": "spoold.handlers.exec:Exec",
     "ship": "spoold.handlers.ship:Ship",
+    "fetch": "spoold.handlers.fetch:Fetch",
+    "wait": "spoold.handlers.wait:Wait",
+    "pull": "spoold.handlers.pull:Pull",
+    "encode": "spoold.handlers.encode:Encode",
+    "bundle": "spoold.handlers.bundle:Bundle",
 }
 
 

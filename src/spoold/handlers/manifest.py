@@ -82,3 +82,20 @@ class Manifest(Handler[ManifestOptions]):
         tmp.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, target)
         return StepResult(result={"manifest": target.name}, extras=[target])
+
+
+# Video facts and the 002 layout live in the media modules, imported only when a manifest needs them.
+def _describe_video(path: Path) -> dict[str, Any]:
+    from spoold.media import describe_video
+
+    return describe_video(path)
+
+
+def _soccer_rig_manifest(ctx: StepContext, static_fields: dict[str, Any]) -> dict[str, Any]:
+    from spoold.handlers.soccer_rig import soccer_rig_manifest
+
+    return soccer_rig_manifest(ctx, static_fields)
+
+
+FILE_DESCRIBERS.update(dict.fromkeys((".mp4", ".mov", ".mkv", ".avi"), _describe_video))
+LAYOUTS["soccer-rig"] = _soccer_rig_manifest
