@@ -53,7 +53,8 @@ class Sshd:
         return f"sftp://{self.user}@127.0.0.1:{port or self.port}{path}"
 
     def known_hosts_line(self, port: int | None = None) -> str:
-        return f"[127.0.0.1]:{port or self.port} {self.host_public}\n"
+        key = " ".join(self.host_public.split()[:2])
+        return f"[127.0.0.1]:{port or self.port} {key}\n"
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -99,17 +99,18 @@ class Builder:
         if not isinstance(raw, Mapping):
             raise self.error(path, f"expected a mapping of options, got {_kind(raw)}")
         hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+        # A key that is a Python keyword (`import`, `from`) names its field in metadata {"key": ...}.
+        fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
         values: dict[str, Any] = {}
         for key, value in raw.items():
             if not isinstance(key, str) or key not in fields:
                 close = difflib.get_close_matches(str(key), list(fields), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(fields))}"
                 raise self.error((*path, str(key)), f"unknown key {key!r}{hint}")
-            values[key] = self.convert(hints[key], value, (*path, key))
+            values[fields[key].name] = self.convert(hints[fields[key].name], value, (*path, key))
         for name, field in fields.items():
             required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-            if required and name not in values:
+            if required and field.name not in values:
                 raise self.error(path, f"missing required key {name!r}")
         try:
             return cls(**values)

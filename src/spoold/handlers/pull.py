@@ -1,0 +1,90 @@
+"""pull: download a remote file or folder (recursively, resumably) into a local folder or another queue.
+
+Options: `from` (URL template of a remote file or folder), `to` (`file:///local/folder/`
+where it lands under its own name, or `queue:NAME` to make it a new item of
+that queue with this item's fields), and the connection options `identity`,
+`password_file`, `credential`, `known_hosts`, `host_key`, `connect_timeout`.
+
+Side effects: the download is written under `.<name>.spoold.part` and renamed
+into place when complete, so whoever watches the target sees only whole trees;
+a re-run continues partial files. With `queue:NAME` the tree is fetched into
+the item's work folder and handed over exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+from spoold.errors import PermanentError
+from spoold.handlers.base import Handler, StepContext, StepResult
+from spoold.handlers.wait import connection_settings
+from spoold.options import Seconds
+from spoold.transports.base import TransferContext, parse_url, redact_url
+
+QUEUE_PREFIX = "queue:"
+
+
+@dataclasses.dataclass(frozen=True)
+class PullOptions:
+    from_: str = dataclasses.field(metadata={"key": "from"})
+    to: str
+    identity: str | None = None
+    password_file: str | None = None
+    credential: str | None = None
+    known_hosts: str | None = None
+    host_key: Literal["strict", "tofu"] = "strict"
+    connect_timeout: Seconds = Seconds(30)
+
+    def __post_init__(self) -> None:
+        if "://" not in self.from_:
+            raise ValueError(f"from: {self.from_!r} must be a URL such as sftp://host/path/")
+        if not (self.to.startswith("file://") or self.to.startswith(QUEUE_PREFIX)):
+            raise ValueError(f"to: {self.to!r} must be a local file:// folder or queue:NAME")
+
+
+class Pull(Handler[PullOptions]):
+    name = "pull"
+    Options = PullOptions
+
+    def validate(self, queue_names: frozenset[str], is_queue_of_requests: bool) -> str | None:
+        queue = self.options.to[len(QUEUE_PREFIX) :] if self.options.to.startswith(QUEUE_PREFIX) else None
+        if queue is not None and queue not in queue_names:
+            return f"pull to {self.options.to!r}: no such queue; queues: {', '.join(sorted(queue_names))}"
+        return None
+
+    def run(self, ctx: StepContext) -> StepResult:
+        source = ctx.render(self.options.from_)
+        url = parse_url(source)
+        shown = redact_url(source)
+        queue = self.options.to[len(QUEUE_PREFIX) :] if self.options.to.startswith(QUEUE_PREFIX) else None
+        result: dict[str, Any] | None = ctx.checkpoint.data.get("landed")
+        if result is None:
+            # For a queue the tree lands in this item's folder, so the handover links it under its own name.
+            folder = ctx.item_dir if queue else Path(parse_url(ctx.render(self.options.to)).path)
+            transport = ctx.transport(source, connection_settings(self.options))
+            transfer = TransferContext(
+                progress=ctx.progress,
+                checkpoint=ctx.checkpoint.data.setdefault("transfer", {}),
+                save_checkpoint=ctx.checkpoint.save,
+                check_stop=ctx.check_stop,
+            )
+            landed = transport.get_tree(url.path, folder, transfer)
+            if not landed:
+                raise PermanentError(f"nothing was downloaded from {shown}")
+            result = {"from": shown, "to": [str(p) for p in landed], "bytes": sum(_size(p) for p in landed)}
+            ctx.checkpoint.data.pop("transfer", None)
+            ctx.checkpoint.data["landed"] = result
+            ctx.checkpoint.save()
+        if queue is not None:
+            paths = [Path(p) for p in result["to"]]
+            result = {**result, "queue": queue, "item": ctx.hand_over(queue, paths, ctx.fields, name=paths[0].name)}
+        ctx.log.info("pulled %s into %s", shown, result.get("item") or result["to"][0])
+        return StepResult(result=result)
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
