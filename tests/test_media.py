@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import DaemonProcess, need_or_skip, read_sidecar, sidecar_state, wait_for
 
 from spoold import media
+from tests.conftest import DaemonProcess, need_or_skip, read_sidecar, sidecar_state, wait_for
 
 SCHEMA = Path(__file__).resolve().parent.parent / "src/spoold/schemas/soccer-rig-manifest.schema.json"
 Daemon = Callable[..., DaemonProcess]
@@ -152,6 +152,20 @@ def test_bad_frames_fail_with_a_clear_error(
         assert not list((spool / queue / "failed" / item).glob("*.mp4"))
 
 
+def encoders_of(item_dir: Path) -> list[int]:
+    """Pids of running processes whose command line names `item_dir` (the encode's ffmpeg children)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(item_dir).encode() in (proc / "cmdline").read_bytes():
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
 KILL = """
 spool: {spool}
 queues:
@@ -182,6 +196,13 @@ def test_kill_9_mid_encode_then_restart_encodes_cleanly(
     doc = read_sidecar(spool, "episodes", "ep1")
     assert doc is not None and doc["state"] == "running", "the encode finished before the kill; make it slower"
     assert not list(item_dir.glob("*.mp4")), "a video was renamed into place before it was complete"
+    if shutil.which("setpriv"):
+        wait_for(lambda: not encoders_of(item_dir), 10, "orphaned ffmpeg gone with its daemon")
+    second = daemon(config)
+    wait_for(encoding, 30, "encoding again after the restart")
+    assert second.stop() == 0
+    assert not encoders_of(item_dir), "ffmpeg outlived a graceful stop"
+    assert sidecar_state(spool, "episodes", "ep1", "queued")()
     daemon(config)
     wait_for(sidecar_state(spool, "episodes", "ep1", "done"), 90, "ep1 done after restart")
     done = spool / "episodes" / "done" / "ep1"
@@ -256,7 +277,8 @@ def test_soccer_rig_manifest_matches_the_002_schema(
     name = "GAME_20240315_140000_CAM_C.mp4"
     tmp_video = tmp_path / name
     subprocess.run([ffmpeg, "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=30", "-frames:v", "45",
-                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(tmp_video)], check=True)  # fmt: skip
+                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(tmp_video)],
+                   check=True)  # fmt: skip
     tmp_video.rename(spool / "recordings" / "inbox" / name)
     wait_for(sidecar_state(spool, "recordings", name, "done"), 30, "recording done")
     done = spool / "recordings" / "done" / name
@@ -309,8 +331,8 @@ def test_probe_without_ffprobe_parses_ffmpeg(ffmpeg: str, tmp_path: Path) -> Non
     with_ffprobe = media.probe(video)
     for binary in binaries:
         facts = media._probe_ffmpeg(binary, video)
-        assert (facts["codec"], facts["width"], facts["height"], facts["fps"], facts["frames"]) == ("h264", 64, 48,
-                                                                                                     25.0, 20)  # fmt: skip
+        summary = (facts["codec"], facts["width"], facts["height"], facts["fps"], facts["frames"])
+        assert summary == ("h264", 64, 48, 25.0, 20)
         assert facts["duration_sec"] == pytest.approx(0.8, abs=0.05)
         assert facts["encoder"] == {"crf": 20}
         assert media._container(video, facts["format_names"]) == with_ffprobe["container"] == "mp4"

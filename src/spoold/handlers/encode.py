@@ -51,6 +51,11 @@ STDERR_TAIL_CHARS = 2000
 _MUXERS = {"mp4": "mp4", "mov": "mov", "mkv": "matroska"}
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
 _PROGRESS_FRAME = re.compile(rb"frame=(\d+)")
+# After `kill -9` of the daemon an orphaned ffmpeg would go on encoding the frames it buffered, into a file
+# nobody reads, while the restarted daemon encodes again; where util-linux's setpriv exists, the kernel
+# kills it with its parent (preexec_fn cannot do this safely in a threaded daemon).
+_SETPRIV = shutil.which("setpriv")
+_DEATH_SIGNAL = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +210,7 @@ class CameraJob:
         self.camera = camera
         self.output = work / f"{camera.name}.video.tmp"
         self.progress_path = work / f"{camera.name}.progress"
-        self.argv = [argv[0], "-progress", str(self.progress_path), *argv[1:], str(self.output)]
+        self.argv = [*_DEATH_SIGNAL, argv[0], "-progress", str(self.progress_path), *argv[1:], str(self.output)]
         self.wake = wake
         self.error: StepError | None = None
         self.returncode = 0
@@ -221,7 +226,7 @@ class CameraJob:
                                              stderr=self._stderr, start_new_session=True)  # fmt: skip
         except OSError as exc:
             self._stderr.close()
-            raise PermanentError(f"cannot run {self.argv[0]}: {exc.strerror}") from None
+            raise PermanentError(f"cannot run {self.argv[len(_DEATH_SIGNAL)]}: {exc.strerror}") from None
         self._thread.start()
 
     def is_finished(self) -> bool:
