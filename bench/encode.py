@@ -1,0 +1,123 @@
+"""Benchmark: spoold's encode step against the same ffmpeg command run directly, in the same run.
+
+An episode of 2 cameras x 300 PNG frames at 1280x720 (BENCH_ENCODE_FRAMES,
+BENCH_ENCODE_SIZE and BENCH_ENCODE_CAMERAS shrink or grow it) is encoded
+with libx264 preset fast crf 23:
+- directly: `ffmpeg -framerate 30 -i cam/frame_%06d.png ...`, one camera after the other;
+- by spoold: the daemon as a subprocess, timed from the ready marker to the sidecar saying done.
+Prints both times, their ratio (target <= 1.1) and the daemon's peak RSS (VmHWM, ffmpeg excluded; target < 80 MiB).
+
+Run: python -m bench.encode
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FPS = 30
+ENCODE = ["-c:v", "libx264", "-preset", "fast", "-crf", "23", "-pix_fmt", "yuv420p"]
+DEADLINE_SECONDS = 600.0
+
+
+def make_episode(root: Path, cameras: int, frames: int, size: str) -> Path:
+    episode = root / "episode_000001"
+    for index in range(cameras):
+        folder = episode / f"cam_{index}"
+        folder.mkdir(parents=True)
+        # testsrc2 moves and has colour gradients: closer to a camera than testsrc's flat bars.
+        subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate={FPS}",
+                        "-frames:v", str(frames), "-start_number", "1", str(folder / "frame_%06d.png")],
+                       check=True)  # fmt: skip
+    return episode
+
+
+def direct(episode: Path, out: Path) -> float:
+    out.mkdir()
+    start = time.monotonic()
+    for camera in sorted(episode.iterdir()):
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-framerate", str(FPS), "-i", str(camera / "frame_%06d.png"),
+                        *ENCODE, str(out / f"{camera.name}.mp4")], check=True)  # fmt: skip
+    return time.monotonic() - start
+
+
+def through_spoold(episode: Path, root: Path) -> tuple[float, int]:
+    spool = root / "spool"
+    config = root / "spoold.yaml"
+    config.write_text(
+        f"spool: {spool}\nqueues:\n  episodes:\n    items: bundles\n    chain:\n"
+        f"      - encode: {{fps: {FPS}, codec: libx264, preset: fast, crf: 23}}\n"
+    )
+    log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed below
+    daemon = subprocess.Popen([sys.executable, "-m", "spoold", "run", "-c", str(config)], stdout=log,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait(lambda: _json(spool / "health.json").get("pid") == daemon.pid and _json(spool / "health.json")["ready"])
+        staged = spool / "episodes" / "inbox" / f".{episode.name}"
+        shutil.copytree(episode, staged, copy_function=os.link)
+        staged.rename(staged.with_name(episode.name))
+        start = time.monotonic()
+        (spool / "episodes" / "inbox" / f"{episode.name}.ready").write_text("{}")
+        status = spool / "episodes" / "status" / f"{episode.name}.json"
+        _wait(lambda: _json(status).get("state") in ("done", "failed"))
+        elapsed = time.monotonic() - start
+        if _json(status)["state"] != "done":
+            raise SystemExit(f"spoold failed: {_json(status)['error']}")
+        peak_kib = _peak_rss_kib(daemon.pid)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+        log.close()
+    return elapsed, peak_kib
+
+
+def _json(path: Path) -> dict[str, object]:
+    try:
+        value = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _wait(predicate: object) -> None:
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise SystemExit("benchmark timed out")
+        time.sleep(0.01)
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    frames = int(os.environ.get("BENCH_ENCODE_FRAMES", "300"))
+    size = os.environ.get("BENCH_ENCODE_SIZE", "1280x720")
+    cameras = int(os.environ.get("BENCH_ENCODE_CAMERAS", "2"))
+    if shutil.which("ffmpeg") is None:
+        raise SystemExit("ffmpeg is not installed")
+    with tempfile.TemporaryDirectory(prefix="spoold-bench-") as tmp:
+        root = Path(tmp)
+        episode = make_episode(root / "source", cameras, frames, size)
+        print(f"episode: {cameras} cameras x {frames} frames at {size}, libx264 preset fast crf 23, "
+              f"{os.cpu_count()} CPUs")  # fmt: skip
+        direct_seconds = direct(episode, root / "direct")
+        print(f"ffmpeg directly, one camera after the other: {direct_seconds:.2f} s")
+        spoold_seconds, peak_kib = through_spoold(episode, root)
+        print(f"spoold, ready marker -> done:               {spoold_seconds:.2f} s")
+        print(f"ratio spoold / direct: {spoold_seconds / direct_seconds:.2f} (target <= 1.1)")
+        print(f"daemon peak RSS (VmHWM, ffmpeg excluded): {peak_kib / 1024:.1f} MiB (target < 80 MiB)")
+
+
+if __name__ == "__main__":
+    main()
