@@ -45,6 +45,8 @@ from spoold.transports.sftp_tree import (
 from spoold.transports.ssh_connect import connect
 
 log = logging.getLogger("spoold.sftp")
+# paramiko logs every connection and authentication at INFO; the daemon's log keeps only its problems.
+logging.getLogger("paramiko").setLevel(logging.WARNING)
 
 PART_SUFFIX = ".spoold.part"
 WINDOW_BYTES = 64 << 20
@@ -148,6 +150,9 @@ class SftpTransport(Transport):
         done_set = set(verified)
         total = 0
         with self._mapped(f"upload to {self.url.host}:{final}"):
+            if verified and self.stat(tmp) is None:
+                verified.clear()  # the partial folder is gone on the far side: everything goes again
+                done_set.clear()
             makedirs(client, tmp)
             pending: dict[str, str] = {}
             for relative, path in local_tree(source):
