@@ -21,8 +21,10 @@ the item. A restart after `kill -9` removes what was half-written and encodes
 again the cameras not yet recorded as done in the checkpoint.
 
 `stream: true` is accepted and, in this version, encodes like batch mode after
-the ready marker: starting before the marker needs the scheduler to run the
-step on the growing inbox folder (see `docs` in the report / CHANGELOG).
+the ready marker. Starting earlier needs the core to hand the step the growing
+inbox folder before the claim (a handler flag such as `starts_early`, and a
+context call saying whether the ready marker has arrived); the pipe feeder here
+would then wait for frame N+1 to land instead of reading a finished list.
 """
 
 from __future__ import annotations
