@@ -75,14 +75,9 @@ class Checksum(Handler[ChecksumOptions]):
         extras = []
         if self.options.sumfile:
             sumfile = ctx.item_dir / f"{ctx.item}.sha256"
-            lines = [f"{d['sha256']}  {self._listed_name(ctx, rel)}\n" for rel, d in digests.items()]
+            lines = [f"{d['sha256']}  {rel}\n" for rel, d in digests.items()]
             tmp = sumfile.with_name(f".{sumfile.name}.tmp")
             tmp.write_text("".join(lines), encoding="utf-8")
             os.replace(tmp, sumfile)
             extras.append(sumfile)
         return StepResult(result=result, extras=extras)
-
-    @staticmethod
-    def _listed_name(ctx: StepContext, relative: str) -> str:
-        # A single file is shipped under the item's name; list it so, to check beside the copy.
-        return ctx.item if len(ctx.payload) == 1 and ctx.payload[0].is_file() else relative

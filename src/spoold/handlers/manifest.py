@@ -36,8 +36,7 @@ FILE_DESCRIBERS: dict[str, Callable[[Path], dict[str, Any]]] = {}
 
 def describe_file(ctx: StepContext, path: Path) -> dict[str, Any]:
     relative = str(path.relative_to(ctx.item_dir))
-    listed = ctx.item if len(ctx.payload) == 1 and ctx.payload[0] == path else relative
-    entry: dict[str, Any] = {"path": listed, "size_bytes": path.stat().st_size}
+    entry: dict[str, Any] = {"path": relative, "size_bytes": path.stat().st_size}
     entry.update(ctx.digests.get(relative, {}))
     describer = FILE_DESCRIBERS.get(path.suffix.lower())
     if describer is not None:

@@ -150,7 +150,8 @@ class Ship(Handler[ShipOptions]):
         folder = path if is_folder else os.path.dirname(path.rstrip("/")) or "/"
         if payload:
             source = payload[0]
-            remote = join_remote(path, ctx.item) if is_folder else path
+            # A claimed file is named after its item; a step's output (an archive) keeps its own name.
+            remote = join_remote(path, source.name) if is_folder else path
             relative = str(source.relative_to(ctx.item_dir))
             if source.is_dir():
                 targets.append(Target(source, remote, None, self._tree_digests(ctx, [source], strip=relative)))
