@@ -273,3 +273,28 @@ def test_missing_bucket_fails_permanently_and_keeps_the_file(write_config: Write
         assert doc["attempts"] == 1, "a missing bucket is not retried"
         assert "NoSuchBucket" in doc["error"]["message"]
         assert list(spool.glob(f"outbox/*/{name}/{name}")), "the local copy is kept"
+
+
+INI = "[default]\naws_access_key_id = AKIDSPOOLDTEST\naws_secret_access_key = s3cr3t-from-systemd\n"
+
+
+@pytest.mark.parametrize("text", ["AKIDSPOOLDTEST:s3cr3t-from-systemd\n", INI], ids=["line", "ini"])
+def test_credential_from_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3: S3Server,
+                                               bucket: str, text: str) -> None:  # fmt: skip
+    if s3.fixed_bucket or "SPOOLD_TEST_S3_ENDPOINT" in os.environ:
+        pytest.skip("needs a server that accepts any key (moto)")
+    from spoold.redact import redact
+    from spoold.transports.base import parse_url
+    from spoold.transports.s3 import S3Transport
+
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "s3key").write_text(text)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    for key in DUMMY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    transport = S3Transport(parse_url(f"s3://{bucket}/"), {"endpoint_url": s3.endpoint, "credential": "s3key",
+                                                           "region": "us-east-1"})  # fmt: skip
+    transport.write_small("/marker.ready", b"{}")
+    assert transport.read_bytes("/marker.ready") == b"{}"
+    assert "s3cr3t-from-systemd" not in redact("key s3cr3t-from-systemd leaked")
+    transport.close()
