@@ -91,6 +91,13 @@ class ItemContext:
         elif now - self._rate_sample[0] >= 0.5:
             rate = (done - self._rate_sample[1]) / (now - self._rate_sample[0])
             self._rate_sample = (now, done)
+        doc = self._runner.sidecar.doc
+        if doc["state"] == "waiting":
+            # Progress means the wait is over (e.g. a download resumed after free space came back).
+            doc["state"] = "running"
+            self._entry.pop("waiting", None)
+            self._runner.sidecar.write()
+            self._runner.on_state(self.queue, self.item, "running")
         progress = self._entry.setdefault("progress", {})
         progress.update({"bytes_done": done, "bytes_total": total, **extra})
         if rate is not None:
