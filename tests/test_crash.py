@@ -80,7 +80,8 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     try:
         wait_for(all_done, max(10.0, 80 - (time.monotonic() - started)), "every item done after the kills")
     except AssertionError:
-        states = {q: {n: (read_sidecar(spool, q, n) or {}).get("state") for n in names} for q in ("incoming", "outgoing")}
+        states = {q: {n: (read_sidecar(spool, q, n) or {}).get("state") for n in names}
+                  for q in ("incoming", "outgoing")}  # fmt: skip
         raise AssertionError(f"seed {SEED}: not all done: {states}\n{process.log()[-4000:]}") from None
 
     dest = tmp_path / "dest"

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from spoold.daemon.sidecar import parse_iso
 from tests.conftest import DaemonProcess, read_sidecar, sidecar_state, wait_for
 
 Start = Callable[..., DaemonProcess]
@@ -38,9 +39,8 @@ def test_file_is_claimed_only_after_settle(write_config: WriteConfig, spool: Pat
     path.write_bytes(b"a" * 100)
     closed = time.time()
     doc = wait_for(lambda: read_sidecar(spool, "q", "a.bin"), 10, "claim")
-    created = time.mktime(time.strptime(doc["created"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
-    created += float("0." + doc["created"][20:23])
-    assert created - closed >= 0.9, f"claimed {created - closed:.2f}s after close; settle is 1s"
+    created = parse_iso(doc["created"])
+    assert created is not None and created - closed >= 0.9, f"claimed {created - closed:.2f}s after close; settle is 1s"
     assert wait_for(sidecar_state(spool, "q", "a.bin", "done"))["steps"][0]["result"]["bytes"] == 100
 
 
@@ -208,3 +208,24 @@ def test_file_missed_by_inotify_is_found_by_rescan_once(tmp_path: Path, write_co
     time.sleep(2.5)  # two more rescans must not claim anything again
     assert sidecar_names(spool) == ["linked.txt"]
     assert process.log().count("q/linked.txt: claimed") == 1
+
+
+def test_claims_are_prompt_under_a_steady_stream(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
+    """Each claim moves an entry out of the inbox; that must not hold back the next arrival's event
+    (watchdog delays an unpaired IN_MOVED_FROM by 0.5 s at the head of its queue)."""
+    daemon(one_queue(write_config, "    settle: 0s\n    concurrency: 2\n"))
+    closed: dict[str, float] = {}
+    for i in range(30):
+        name = f"s{i:02d}.bin"
+        (inbox(spool) / name).write_bytes(b"s" * 1000)
+        closed[name] = time.time()
+        time.sleep(0.03)
+    delays = []
+    for name, at in closed.items():
+        doc = wait_for(lambda name=name: read_sidecar(spool, "q", name), 10, f"{name} claimed")
+        created = parse_iso(doc["created"])
+        assert created is not None
+        delays.append(created - at)
+    delays.sort()
+    assert delays[len(delays) // 2] < 0.1, f"median claim delay {delays[len(delays) // 2]:.3f}s: {delays}"
+    assert delays[-1] < 0.45, f"worst claim delay {delays[-1]:.3f}s"

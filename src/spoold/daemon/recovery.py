@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from spoold.daemon.config import Queue
 from spoold.daemon.items import adopt_orphan
-from spoold.daemon.layout import HANDOFF_PREFIX, QueueFolders
+from spoold.daemon.layout import HANDOFF_FILE, HANDOFF_PREFIX, QueueFolders
 from spoold.daemon.sidecar import Sidecar
 
 if TYPE_CHECKING:
@@ -56,6 +56,9 @@ def recover(daemon: Daemon, state: QueueState) -> None:
 def _resume(daemon: Daemon, state: QueueState, sidecar: Sidecar) -> None:
     folders, queue = state.folders, state.queue
     name = sidecar.name
+    # A kill between writing a handed-over item's sidecar and removing its record leaves the record behind.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(folders.work / name / HANDOFF_FILE)
     if sidecar.state in ("done", "failed"):
         if (folders.work / name).exists():
             if sidecar.state == "done":
