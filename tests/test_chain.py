@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -341,3 +342,20 @@ def test_idle_daemon_sleeps(write_config: WriteConfig, spool: Path, daemon: Star
     assert used < 0.1, f"idle daemon used {used:.3f}s of CPU in 3s"
     wait_for(lambda: json.loads((spool / "health.json").read_text())["heartbeat"] != first_beat, 10,
              "heartbeat refreshed within 10s")  # fmt: skip
+
+
+def test_sighup_reload_keeps_old_config_on_error(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
+    config = write_config("spool: {spool}\nqueues:\n  q: {settle: 0s, chain: [checksum]}\n")
+    process = daemon(config)
+    config.write_text(config.read_text() + "  broken: {chain: [nosuchhandler]}\n")
+    process.signal(signal.SIGHUP)
+    wait_for(lambda: "reload failed" in process.log(), 10, "reload failure logged")
+    (spool / "q" / "inbox" / "a.txt").write_text("a")
+    wait_for(sidecar_state(spool, "q", "a.txt", "done"), 10, "old config still works")
+    write_config("spool: {spool}\nqueues:\n  q: {settle: 0s, chain: [checksum]}\n"
+                 "  extra: {settle: 0s, chain: [checksum]}\n")  # fmt: skip
+    process.signal(signal.SIGHUP)
+    wait_for(lambda: (spool / "extra" / "inbox").is_dir(), 10, "new queue created on reload")
+    (spool / "extra" / "inbox" / "b.txt").write_text("b")
+    wait_for(sidecar_state(spool, "extra", "b.txt", "done"), 10, "new queue works")
+    assert process.stop() == 0
