@@ -62,6 +62,7 @@ class ItemContext:
         self.fields: dict[str, Any] = doc["fields"]
         self.digests: dict[str, dict[str, str]] = doc["digests"]
         self.checkpoint = SidecarCheckpoint(runner.sidecar, entry)
+        self.min_free_bytes = runner.config.min_free_bytes
         self.log = logging.LoggerAdapter(logging.getLogger(f"spoold.{entry['name']}"), {"item": self.item})
         self._rate_sample: tuple[float, int] | None = None
 

@@ -62,6 +62,8 @@ class StepContext(Protocol):
     # relative path -> {algorithm: hex}; the checksum step fills it, ship verifies with it.
     digests: dict[str, dict[str, str]]
     checkpoint: Checkpoint
+    # The config's `min_free`: steps that fill the disk (fetch) wait rather than go below it.
+    min_free_bytes: int
     log: logging.LoggerAdapter[logging.Logger]
 
     def template_values(self) -> dict[str, Any]:

@@ -11,8 +11,8 @@ Options: `into` (queue name), `keepalive` (`{url, interval}`: a GET every
 interval on a helper thread while downloading, for cameras that sleep
 otherwise), `timeout` (read timeout), `connect_timeout`, `retries` (drops
 survived in a row without progress before the step gives up for the queue's
-retry policy), `min_free` (free bytes to keep beyond the announced size; below
-it the step waits instead of filling the disk).
+retry policy), `min_free` (free bytes to keep beyond the announced size, at
+least the config's `min_free`; below it the step waits instead of filling the disk).
 
 Downloads resume with HTTP Range after a drop (exponential backoff); a server
 that ignores Range restarts the file from zero. Per-file state is kept in the
@@ -160,10 +160,9 @@ class Fetch(Handler[FetchOptions]):
         ctx.log.info("fetched %s into %s/%s", spec.name, self.options.into, state["item"])
 
     def _wait_for_space(self, ctx: StepContext, spec: FileSpec, part: Path) -> None:
-        if spec.size is None:
-            return
         have = part.stat().st_size if part.exists() else 0
-        needed = spec.size - have + int(self.options.min_free)
+        remaining = spec.size - have if spec.size is not None else 0
+        needed = remaining + max(int(self.options.min_free), ctx.min_free_bytes)
         while (free := ctx.free_bytes()) < needed:
             ctx.waiting(f"free space: {spec.name} needs {needed} bytes, {free} free", 10)
             ctx.sleep(10)
