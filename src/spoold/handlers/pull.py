@@ -15,27 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from spoold.errors import PermanentError
 from spoold.handlers.base import Handler, StepContext, StepResult
-from spoold.handlers.wait import connection_settings
-from spoold.options import Seconds
-from spoold.transports.base import TransferContext, parse_url, redact_url
+from spoold.transports.base import ConnectionOptions, TransferContext, parse_url, redact_url
 
 QUEUE_PREFIX = "queue:"
 
 
 @dataclasses.dataclass(frozen=True)
-class PullOptions:
+class PullOptions(ConnectionOptions):
     from_: str = dataclasses.field(metadata={"key": "from"})
     to: str
-    identity: str | None = None
-    password_file: str | None = None
-    credential: str | None = None
-    known_hosts: str | None = None
-    host_key: Literal["strict", "tofu"] = "strict"
-    connect_timeout: Seconds = Seconds(30)
 
     def __post_init__(self) -> None:
         if "://" not in self.from_:
@@ -63,7 +55,7 @@ class Pull(Handler[PullOptions]):
         if result is None:
             # For a queue the tree lands in this item's folder, so the handover links it under its own name.
             folder = ctx.item_dir if queue else Path(parse_url(ctx.render(self.options.to)).path)
-            transport = ctx.transport(source, connection_settings(self.options))
+            transport = ctx.transport(source, self.options.connection_settings())
             transfer = TransferContext(
                 progress=ctx.progress,
                 checkpoint=ctx.checkpoint.data.setdefault("transfer", {}),

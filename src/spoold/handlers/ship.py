@@ -20,29 +20,23 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from spoold.errors import PermanentError
 from spoold.handlers.base import Handler, StepContext, StepResult
-from spoold.options import Bytes, Seconds
+from spoold.options import Bytes
 from spoold.transports import TRANSPORTS
-from spoold.transports.base import Delivered, TransferContext, join_remote, parse_url, redact_url
+from spoold.transports.base import ConnectionOptions, Delivered, TransferContext, join_remote, parse_url, redact_url
 
 STAGING_DIR = ".ship"
 _NOT_TRANSPORT_SETTINGS = ("to", "verify", "delete_source", "ready_marker")
 
 
 @dataclasses.dataclass(frozen=True)
-class ShipOptions:
+class ShipOptions(ConnectionOptions):
     to: str
-    identity: str | None = None
-    password_file: str | None = None
-    known_hosts: str | None = None
-    host_key: Literal["strict", "tofu"] = "strict"
-    connect_timeout: Seconds = Seconds(30)
     endpoint_url: str | None = None
     region: str | None = None
-    credential: str | None = None
     part_size: Bytes = Bytes(64 << 20)
     concurrency: int = 4
     verify: bool = True

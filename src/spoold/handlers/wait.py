@@ -24,31 +24,19 @@ from typing import Any, Literal
 from spoold.errors import PermanentError, TransientError
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.options import Seconds
-from spoold.transports.base import RemoteEntry, Transport, parse_url, redact_url
+from spoold.transports.base import ConnectionOptions, RemoteEntry, Transport, parse_url, redact_url
 
-CONNECTION_KEYS = ("identity", "password_file", "credential", "known_hosts", "host_key", "connect_timeout")
 SidecarState = Literal["queued", "running", "waiting", "retrying", "done", "failed"]
 
 
-def connection_settings(options: Any) -> dict[str, Any]:
-    """The connection options of a wait or pull step, as a transport wants them."""
-    return {key: getattr(options, key) for key in CONNECTION_KEYS}
-
-
 @dataclasses.dataclass(frozen=True)
-class WaitOptions:
+class WaitOptions(ConnectionOptions):
     path: str | None = None
     sidecar: str | None = None
     state: SidecarState = "done"
     import_: list[str] = dataclasses.field(default_factory=list, metadata={"key": "import"})
     interval: Seconds = Seconds(10)
     timeout: Seconds = Seconds(86400)
-    identity: str | None = None
-    password_file: str | None = None
-    credential: str | None = None
-    known_hosts: str | None = None
-    host_key: Literal["strict", "tofu"] = "strict"
-    connect_timeout: Seconds = Seconds(30)
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.sidecar is None):
@@ -75,7 +63,7 @@ class Wait(Handler[WaitOptions]):
         while True:
             ctx.check_stop()
             try:
-                transport: Transport = ctx.transport(url, connection_settings(self.options))
+                transport: Transport = ctx.transport(url, self.options.connection_settings())
                 result = self._poll(transport, parsed.path, shown)
                 problem = ""
             except TransientError as exc:

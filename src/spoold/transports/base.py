@@ -11,10 +11,11 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from spoold.errors import PermanentError
+from spoold.options import Seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,22 @@ def redact_url(url: str) -> str:
 
 def join_remote(folder: str, name: str) -> str:
     return str(PurePosixPath(folder) / name)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConnectionOptions:
+    """How a step reaches a remote host; shared by the options of ship, wait and pull."""
+
+    identity: str | None = None
+    password_file: str | None = None
+    credential: str | None = None
+    known_hosts: str | None = None
+    host_key: Literal["strict", "tofu"] = "strict"
+    connect_timeout: Seconds = Seconds(30)
+
+    def connection_settings(self) -> dict[str, Any]:
+        """These options as the plain mapping `TransportPool.get` takes."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ConnectionOptions)}
 
 
 @dataclasses.dataclass(frozen=True)
