@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import queue as queue_module
 import signal
-import stat
 import threading
 import time
 from collections import deque
@@ -22,19 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from spoold.daemon import recovery
+from spoold.daemon import claiming, recovery
 from spoold.daemon.config import Config, Queue, load_config
 from spoold.daemon.handoff import hand_over
 from spoold.daemon.health import NodeStatus, write_health
-from spoold.daemon.intake import Arrival, Intake
-from spoold.daemon.items import create_sidecar, item_name_for, read_json_object
+from spoold.daemon.intake import Intake
 from spoold.daemon.layout import QueueFolders, SpoolLayout
 from spoold.daemon.retention import prune
 from spoold.daemon.runner import ItemRunner, Outcome
 from spoold.daemon.sidecar import Sidecar, now_iso, parse_iso
 from spoold.daemon.systemd import Notifier
 from spoold.daemon.watcher import InboxWatcher
-from spoold.errors import ConfigError
+from spoold.errors import ConfigError, PermanentError
 from spoold.transports import TransportPool
 
 log = logging.getLogger("spoold")
@@ -201,7 +198,7 @@ class Daemon:
             for state in self.queues.values():
                 if not self.is_intake_paused:
                     for arrival in state.intake.due(now):
-                        self._accept(state, arrival)
+                        claiming.accept(self, state, arrival)
                 for item, at in list(state.retry_at.items()):
                     if at <= now:
                         del state.retry_at[item]
@@ -219,47 +216,6 @@ class Daemon:
             self.notifier.status(self.node_status().status_line())
 
     # ---- intake ------------------------------------------------------------------------------------------------
-
-    def _accept(self, state: QueueState, arrival: Arrival) -> None:
-        folders, queue = state.folders, state.queue
-        fields: dict[str, Any] = {}
-        rejection = arrival.rejection
-        kind = "file"
-        if rejection is None and arrival.marker:
-            marker_fields, problem = read_json_object(folders.inbox / arrival.marker)
-            fields, rejection = marker_fields or {}, problem and f"ready marker {problem}"
-        if rejection is None and queue.spec.items == "requests" and arrival.marker is None:
-            kind = "request"
-            request, problem = read_json_object(folders.inbox / arrival.entry)
-            fields, rejection = request or {}, problem
-        if kind == "file" and _is_real_dir(folders.inbox / arrival.entry):
-            kind = "bundle"
-        name = folders.claim(arrival.entry, item_name_for(arrival.entry, kind), keep_entry_name=(kind == "request"))
-        if name is None:
-            return
-        payload = [] if kind == "request" or arrival.rejection else [name]
-        sidecar = create_sidecar(self.config, queue, folders, name, original_name=arrival.entry, kind=kind,
-                                 fields=fields, payload=payload)  # fmt: skip
-        if rejection is not None:
-            self._reject(state, sidecar, rejection)
-        else:
-            sidecar.write()
-            self._set_state(queue.name, name, "queued")
-            state.sidecars[name] = sidecar
-            state.pending.append(name)
-            log.info("%s/%s: claimed%s", queue.name, name, "" if name == arrival.entry else f" ({arrival.entry})")
-        if arrival.marker:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(folders.inbox / arrival.marker)
-
-    def _reject(self, state: QueueState, sidecar: Sidecar, reason: str) -> None:
-        error = {"step": None, "type": "rejected", "message": reason, "retryable": False}
-        sidecar.doc.update(state="failed", error=error)
-        sidecar.write()
-        state.folders.finish(sidecar.name, "failed")
-        self._set_state(state.queue.name, sidecar.name, "failed")
-        self.last_error = {"queue": state.queue.name, "item": sidecar.name, **error, "at": now_iso()}
-        log.error("%s/%s: rejected: %s", state.queue.name, sidecar.name, reason)
 
     def _schedule_existing(self, state: QueueState, name: str) -> None:
         sidecar = Sidecar.load(state.folders.sidecar_path(name))
@@ -317,8 +273,6 @@ class Daemon:
                    name: str | None) -> str:  # fmt: skip
         target = self.queues.get(queue)
         if target is None:
-            from spoold.errors import PermanentError
-
             raise PermanentError(f"no local queue named {queue!r}")
         new_name = hand_over(self.config, runner, target.queue, target.folders, ctx, paths, fields, name)
         self.messages.put(("adopt", queue, new_name))
@@ -416,9 +370,3 @@ class Daemon:
         self.notifier.close()
         log.info("spoold stopped")
 
-
-def _is_real_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False
