@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,3 +155,21 @@ def no_leaked_threads() -> Iterator[None]:
             return
         time.sleep(0.05)
     pytest.fail(f"test leaked threads: {leaked}")
+
+
+@pytest.fixture
+def ffmpeg() -> str:
+    found = shutil.which("ffmpeg")
+    if found is None or shutil.which("ffprobe") is None:
+        need_or_skip("ffmpeg and ffprobe are not installed (apt install ffmpeg)")
+    assert found is not None
+    return found
+
+
+def make_frames(folder: Path, count: int = 30, size: str = "64x48", start: int = 1, noise: bool = False) -> None:
+    """PNG frames made by ffmpeg; `noise` frames are slow to encode (for catching an encode mid-way)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source = f"nullsrc=s={size}:r=30,geq=lum='random(1)*255':cb=128:cr=128" if noise else f"testsrc=size={size}:rate=30"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", source,
+                    "-frames:v", str(count), "-start_number", str(start), str(folder / "frame_%06d.png")],
+                   check=True)  # fmt: skip

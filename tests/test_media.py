@@ -15,29 +15,11 @@ from typing import Any
 import pytest
 
 from spoold import media
-from tests.conftest import DaemonProcess, need_or_skip, read_sidecar, sidecar_state, wait_for
+from tests.conftest import DaemonProcess, make_frames, read_sidecar, sidecar_state, wait_for
 
 SCHEMA = Path(__file__).resolve().parent.parent / "src/spoold/schemas/soccer-rig-manifest.schema.json"
 Daemon = Callable[..., DaemonProcess]
 WriteConfig = Callable[..., Path]
-
-
-@pytest.fixture
-def ffmpeg() -> str:
-    found = shutil.which("ffmpeg")
-    if found is None or shutil.which("ffprobe") is None:
-        need_or_skip("ffmpeg and ffprobe are not installed (apt install ffmpeg)")
-    assert found is not None
-    return found
-
-
-def make_frames(folder: Path, count: int = 30, size: str = "64x48", start: int = 1, noise: bool = False) -> None:
-    """PNG frames made by ffmpeg; `noise` frames are slow to encode (for catching an encode mid-way)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    source = f"nullsrc=s={size}:r=30,geq=lum='random(1)*255':cb=128:cr=128" if noise else f"testsrc=size={size}:rate=30"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", source,
-                    "-frames:v", str(count), "-start_number", str(start), str(folder / "frame_%06d.png")],
-                   check=True)  # fmt: skip
 
 
 def make_episode(tmp: Path, name: str, cameras: tuple[str, ...] = ("cam_left", "cam_right"), **kw: Any) -> Path:

@@ -215,18 +215,23 @@ def frame_size(path: Path) -> tuple[int, int]:
         size = os.fstat(stream.fileno()).st_size
         stream.seek(max(size - 12, 0))
         tail = stream.read()
+    return image_size(path.name, head, tail)
+
+
+def image_size(name: str, head: bytes, tail: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG or JPEG file's first 64 KiB and last 12 bytes; FrameError if incomplete."""
     if head.startswith(PNG_SIGNATURE):
         if len(head) < 33 or head[12:16] != b"IHDR":
-            raise FrameError(f"{path.name}: PNG without an IHDR header")
+            raise FrameError(f"{name}: PNG without an IHDR header")
         if not tail.endswith(b"IEND\xaeB`\x82"):
-            raise FrameError(f"{path.name}: truncated PNG (no IEND chunk at the end)")
+            raise FrameError(f"{name}: truncated PNG (no IEND chunk at the end)")
         width, height = struct.unpack(">II", head[16:24])
         return width, height
     if head.startswith(b"\xff\xd8"):
         if not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
-            raise FrameError(f"{path.name}: truncated JPEG (no end-of-image marker)")
-        return _jpeg_size(path, head)
-    raise FrameError(f"{path.name}: not a PNG or JPEG file")
+            raise FrameError(f"{name}: truncated JPEG (no end-of-image marker)")
+        return _jpeg_size(name, head)
+    raise FrameError(f"{name}: not a PNG or JPEG file")
 
 
 def check_png_chunks(name: str, data: bytes) -> None:
@@ -247,7 +252,7 @@ def check_png_chunks(name: str, data: bytes) -> None:
     raise FrameError(f"{name}: truncated PNG (no IEND chunk)")
 
 
-def _jpeg_size(path: Path, head: bytes) -> tuple[int, int]:
+def _jpeg_size(name: str, head: bytes) -> tuple[int, int]:
     offset = 2
     while offset + 9 <= len(head):
         if head[offset] != 0xFF:
@@ -258,4 +263,4 @@ def _jpeg_size(path: Path, head: bytes) -> tuple[int, int]:
             height, width = struct.unpack_from(">HH", head, offset + 5)
             return width, height
         offset += 2 + length
-    raise FrameError(f"{path.name}: JPEG without a frame header in its first 64 KiB")
+    raise FrameError(f"{name}: JPEG without a frame header in its first 64 KiB")

@@ -119,6 +119,11 @@ class Queue:
     steps: tuple[Step, ...]
     fields_pattern: re.Pattern[str] | None
 
+    @property
+    def starts_early(self) -> bool:
+        """Its first step starts on a bundle as soon as the bundle's folder appears, before the marker."""
+        return self.steps[0].handler.starts_early
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -205,5 +210,8 @@ def _build_chain(builder: Builder, spec: QueueSpec, path: YamlPath, queue_names:
         problem = handler.validate(queue_names, spec.items == "requests")
         if problem:
             raise builder.error((*step_path, name), problem)
+        if handler.starts_early and (index or spec.items != "bundles" or spec.ready != "marker"):
+            raise builder.error((*step_path, name), f"{name} can start while a bundle is still arriving only as "
+                                "the first step of a queue with `items: bundles` and `ready: marker`")  # fmt: skip
         steps.append(Step(index, name, handler))
     return tuple(steps)

@@ -3,7 +3,9 @@
 A file is complete once its size and mtime stay unchanged for `settle` seconds
 after the last event (close-after-write, moved-in) or after a scan found it. A
 bundle is complete when `<name>.ready` appears beside it, or, with
-`ready: settle`, after `settle` seconds without change anywhere inside it.
+`ready: settle`, after `settle` seconds without change anywhere inside it. In
+a queue whose first step starts early, a bundle's folder is reported as soon
+as it appears (`Arrival.is_early`), and again when its marker arrives.
 Events only accelerate: a scan finds anything they missed, and since a claim
 moves the entry out of the inbox, nothing is ever claimed twice.
 """
@@ -35,6 +37,8 @@ class Arrival:
     entry: str
     marker: str | None = None
     rejection: str | None = None
+    # A bundle folder without its marker yet, in a queue whose first step starts early.
+    is_early: bool = False
 
 
 class Intake:
@@ -45,6 +49,8 @@ class Intake:
         self.inbox = inbox
         self.settle_seconds = float(queue.spec.settle)
         self.candidates: dict[str, Candidate] = {}
+        # Entries already reported early, still arriving: only their marker matters now.
+        self.receiving: set[str] = set()
 
     def is_ignored(self, name: str) -> bool:
         return name.startswith(".") or any(fnmatch.fnmatchcase(name, p) for p in self.queue.spec.ignore)
@@ -76,15 +82,20 @@ class Intake:
             # A marker makes its item ready at once: look at the item, not the marker.
             self.candidates[name[: -len(READY_SUFFIX)]] = Candidate(None, now)
             return
+        if name in self.receiving:
+            return
         signature = None
+        delay = self.settle_seconds
         try:
             info = os.lstat(self.inbox / name)
             if stat.S_ISREG(info.st_mode):
                 # Recorded now, so an untouched file is claimed one settle period after its event.
                 signature = _signature(self.inbox / name, info)
+            elif stat.S_ISDIR(info.st_mode) and self.queue.starts_early:
+                delay = 0.0
         except FileNotFoundError:
             return
-        self.candidates[name] = Candidate(signature, now + self.settle_seconds)
+        self.candidates[name] = Candidate(signature, now + delay)
 
     def next_deadline(self) -> float | None:
         return min((c.deadline for c in self.candidates.values()), default=None)
@@ -121,6 +132,8 @@ class Intake:
             if self.queue.spec.ready == "marker":
                 if has_marker:
                     return Arrival(name, marker=marker)
+                if self.queue.starts_early and name not in self.receiving:
+                    return Arrival(name, is_early=True)
                 del self.candidates[name]  # waits for its marker's event or a scan
                 return None
         elif has_marker:

@@ -2,7 +2,8 @@
 
 Every state a `kill -9` can leave is handled here: a staging folder from an
 unfinished hand-over, a claimed folder without a sidecar, a finished item not
-yet moved out of work/, a ready marker not yet removed, a sidecar temp file.
+yet moved out of work/, a ready marker not yet removed, a sidecar temp file, a
+bundle that was still arriving (see `arriving`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import shutil
 from typing import TYPE_CHECKING
 
+from spoold.daemon import arriving
 from spoold.daemon.config import Queue
 from spoold.daemon.items import adopt_orphan
 from spoold.daemon.layout import HANDOFF_FILE, HANDOFF_PREFIX, QueueFolders
@@ -68,6 +70,9 @@ def _resume(daemon: Daemon, state: QueueState, sidecar: Sidecar) -> None:
         daemon._set_state(queue.name, name, sidecar.state)
         return
     if sidecar.state not in ACTIVE_STATES:
+        return
+    if sidecar.doc.get(arriving.SIDECAR_FLAG) and (folders.work / name).is_dir():
+        arriving.resume(daemon, state, sidecar)
         return
     if not (folders.work / name).is_dir():
         sidecar.doc.update(state="failed", error={"step": sidecar.doc.get("step"), "type": "missing",

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from spoold.daemon.arriving import ArrivingItem, settle
 from spoold.daemon.config import Config, Queue
 from spoold.daemon.layout import QueueFolders
 from spoold.daemon.sidecar import Sidecar, now_iso
@@ -63,6 +64,7 @@ class ItemContext:
         self.digests: dict[str, dict[str, str]] = doc["digests"]
         self.checkpoint = SidecarCheckpoint(runner.sidecar, entry)
         self.min_free_bytes = runner.config.min_free_bytes
+        self.arriving = runner.arriving
         self.log = logging.LoggerAdapter(logging.getLogger(f"spoold.{entry['name']}"), {"item": self.item})
         self._rate_sample: tuple[float, int] | None = None
 
@@ -143,7 +145,7 @@ class ItemRunner:
     def __init__(
         self, config: Config, queue: Queue, folders: QueueFolders, sidecar: Sidecar, *, transports: TransportPool,
         stop_event: threading.Event, on_state: Callable[[str, str, str], None], hand_over: HandOver,
-        free_bytes: Callable[[], int],
+        free_bytes: Callable[[], int], arriving: ArrivingItem | None = None,
     ) -> None:  # fmt: skip
         self.config = config
         self.queue = queue
@@ -154,6 +156,8 @@ class ItemRunner:
         self.on_state = on_state
         self._hand_over = hand_over
         self.free_bytes = free_bytes
+        # Set while the bundle is still being written into the inbox (a first step that starts early).
+        self.arriving = arriving
 
     def hand_over(
         self, queue: str, ctx: ItemContext, paths: list[Path], fields: Mapping[str, Any], name: str | None
@@ -169,6 +173,9 @@ class ItemRunner:
                 continue
             if self.stop_event.is_set():
                 return self._interrupted(entry)
+            needs_whole = self.arriving is not None and (self.arriving.is_complete() or not step.handler.starts_early)
+            if needs_whole and (outcome := self._await_arrival(entry)):
+                return outcome
             outcome = self._run_step(step.index, step.handler, entry)
             if outcome is not None:
                 return outcome
@@ -191,13 +198,39 @@ class ItemRunner:
         except Interrupted:
             return self._interrupted(entry)
         except StepError as exc:
-            return self._failed_attempt(entry, exc, exc.retryable, exc.type_name)
+            return self._await_arrival(entry) or self._failed_attempt(entry, exc, exc.retryable, exc.type_name)
         except Exception as exc:  # noqa: BLE001 - a handler bug is contained, logged and retried
             log.error("step %s of %s/%s crashed: %s", entry["name"], self.queue.name, self.sidecar.name,
                       redact("".join(traceback.format_exception(exc)).strip()))  # fmt: skip
-            return self._failed_attempt(entry, exc, True, "internal")
+            return self._await_arrival(entry) or self._failed_attempt(entry, exc, True, "internal")
+        if outcome := self._await_arrival(entry):
+            return outcome
         self._apply(ctx, entry, result)
         return None
+
+    def _await_arrival(self, entry: dict[str, Any]) -> Outcome | None:
+        """Wait for a still-arriving bundle's ready marker and settle it; an Outcome when the item stops here.
+
+        Nothing is recorded as final (a failure, a later step) before the producer said the bundle is whole.
+        """
+        arriving = self.arriving
+        if arriving is None:
+            return None
+        try:
+            arriving.wait_complete()
+        except Interrupted:
+            return self._interrupted(entry)
+        self.arriving = None
+        settle(self.folders, self.sidecar, arriving)
+        arriving.close()
+        if arriving.rejection is None:
+            return None
+        error = {"step": None, "type": "rejected", "message": arriving.rejection, "retryable": False}
+        entry.update(state="failed", error=error, finished=now_iso())
+        self.sidecar.doc.update(state="failed", error=error, next_attempt_at=None)
+        self.sidecar.write()
+        log.error("%s/%s: rejected: %s", self.queue.name, self.sidecar.name, arriving.rejection)
+        return Outcome("failed")
 
     def _apply(self, ctx: ItemContext, entry: dict[str, Any], result: StepResult) -> None:
         doc = self.sidecar.doc

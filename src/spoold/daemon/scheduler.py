@@ -20,11 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from spoold.daemon import claiming, recovery
+from spoold.daemon import arriving, claiming, recovery
+from spoold.daemon.arriving import ArrivingItem
 from spoold.daemon.config import Config, Queue, load_config
 from spoold.daemon.handoff import hand_over
 from spoold.daemon.health import NodeStatus, write_health
-from spoold.daemon.intake import Intake
+from spoold.daemon.intake import Arrival, Intake
 from spoold.daemon.layout import QueueFolders, SpoolLayout
 from spoold.daemon.retention import prune
 from spoold.daemon.runner import ItemRunner, Outcome
@@ -52,6 +53,8 @@ class QueueState:
     running: set[str] = dataclasses.field(default_factory=set)
     retry_at: dict[str, float] = dataclasses.field(default_factory=dict)
     sidecars: dict[str, Sidecar] = dataclasses.field(default_factory=dict)
+    # Provisional items whose bundle is still being written into the inbox, by item name.
+    arriving: dict[str, ArrivingItem] = dataclasses.field(default_factory=dict)
 
 
 class Daemon:
@@ -63,7 +66,8 @@ class Daemon:
         self.stop_event = threading.Event()
         self.transports = TransportPool()
         self.notifier = Notifier()
-        self.watcher = InboxWatcher(lambda p: self.messages.put(("path", p)), lambda: self.messages.put(("rescan",)))
+        self.watcher = InboxWatcher(lambda p, is_landed: self.messages.put(("path", p, is_landed)),
+                                    lambda: self.messages.put(("rescan",)))  # fmt: skip
         self.queues: dict[str, QueueState] = {}
         self.states: dict[tuple[str, str], str] = {}
         self._states_lock = threading.Lock()
@@ -101,7 +105,8 @@ class Daemon:
         executor = ThreadPoolExecutor(max_workers=queue.spec.concurrency, thread_name_prefix=f"q-{name}")
         state = QueueState(queue, folders, Intake(queue, folders.inbox), executor)
         self.queues[name] = state
-        recursive = queue.spec.items == "bundles" and queue.spec.ready == "settle"
+        # Settling watches inside bundles; so does a first step that reads frames while they land.
+        recursive = queue.spec.items == "bundles" and (queue.spec.ready == "settle" or queue.starts_early)
         self.watcher.watch(folders.inbox, recursive=recursive)
 
     def _install_signal_handlers(self) -> None:
@@ -141,6 +146,8 @@ class Daemon:
             for state in self.queues.values():
                 if path.is_relative_to(state.folders.inbox):
                     state.intake.notice(path, now)
+                    if state.arriving:
+                        self._touch_arriving(state, path.relative_to(state.folders.inbox).parts, message[2])
         elif kind == "rescan":
             log.warning("inotify events were lost; rescanning every inbox")
             self._next["rescan"] = 0.0
@@ -153,6 +160,12 @@ class Daemon:
         elif kind == "signal":
             return self._on_signal(message[1])
         return None
+
+    @staticmethod
+    def _touch_arriving(state: QueueState, parts: tuple[str, ...], is_landed: bool) -> None:
+        for item in state.arriving.values():
+            if len(parts) > 1 and item.entry == parts[0]:
+                item.touched("/".join(parts[1:]), is_landed)
 
     def _on_signal(self, signum: int) -> str | None:
         if signum == signal.SIGHUP:
@@ -170,6 +183,9 @@ class Daemon:
         log.info("stopping: checkpointing running steps")
         self.notifier.stopping()
         self.stop_event.set()
+        for state in self.queues.values():
+            for item in state.arriving.values():
+                item.wake()
         return None
 
     def _next_wakeup(self) -> float:
@@ -190,6 +206,7 @@ class Daemon:
             self._next["disk"] = now + DISK_CHECK_INTERVAL_SECONDS
         if now >= self._next["rescan"]:
             for state in self.queues.values():
+                arriving.check_still_there(self, state)
                 state.intake.scan(now)
                 recovery.pick_up(self, state)
                 prune(state.queue, state.folders, self._forget)
@@ -198,7 +215,7 @@ class Daemon:
             for state in self.queues.values():
                 if not self.is_intake_paused:
                     for arrival in state.intake.due(now):
-                        claiming.accept(self, state, arrival)
+                        self._arrived(state, arrival)
                 for item, at in list(state.retry_at.items()):
                     if at <= now:
                         del state.retry_at[item]
@@ -216,6 +233,16 @@ class Daemon:
             self.notifier.status(self.node_status().status_line())
 
     # ---- intake ------------------------------------------------------------------------------------------------
+
+    def _arrived(self, state: QueueState, arrival: Arrival) -> None:
+        if arrival.is_early:
+            arriving.start(self, state, arrival.entry)
+            return
+        early = next((a for a in state.arriving.values() if a.entry == arrival.entry), None)
+        if early is not None:
+            arriving.complete(self, state, early, arrival)
+        else:
+            claiming.accept(self, state, arrival)
 
     def _schedule_existing(self, state: QueueState, name: str) -> None:
         sidecar = Sidecar.load(state.folders.sidecar_path(name))
@@ -240,7 +267,7 @@ class Daemon:
             runner = ItemRunner(
                 self.config, state.queue, state.folders, sidecar, transports=self.transports,
                 stop_event=self.stop_event, on_state=self._set_state, hand_over=self._hand_over,
-                free_bytes=self.layout.free_bytes,
+                free_bytes=self.layout.free_bytes, arriving=state.arriving.get(name),
             )  # fmt: skip
             state.running.add(name)
             state.executor.submit(self._work, runner)
@@ -256,6 +283,10 @@ class Daemon:
     def _finished(self, queue_name: str, name: str, outcome: Outcome) -> None:
         state = self.queues[queue_name]
         state.running.discard(name)
+        early = state.arriving.get(name)
+        if early is not None and early.is_abandoned:
+            arriving.discard(self, state, early)
+            return
         sidecar = state.sidecars[name]
         if outcome.verdict == "done":
             recovery.settle_finished(state.queue, state.folders, sidecar)

@@ -58,12 +58,14 @@ class _CompletionObserver(BaseObserver):
 
 
 class _Forwarder(FileSystemEventHandler):
-    def __init__(self, notify: Callable[[Path], None]) -> None:
+    def __init__(self, notify: Callable[[Path, bool], None]) -> None:
         self.notify = notify
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         path = event.dest_path if isinstance(event, (FileMovedEvent, DirMovedEvent)) else event.src_path
-        self.notify(Path(path if isinstance(path, str) else path.decode()))
+        # A created event may be a file still being written (or one moved in from outside the tree): not landed.
+        is_landed = isinstance(event, (FileClosedEvent, FileMovedEvent))
+        self.notify(Path(path if isinstance(path, str) else path.decode()), is_landed)
 
 
 class _OverflowDetector(logging.Handler):
@@ -79,9 +81,12 @@ class _OverflowDetector(logging.Handler):
 
 
 class InboxWatcher:
-    """Watches inbox folders; `notify(path)` for each relevant event, `on_overflow()` when events were lost."""
+    """Watches inbox folders; `notify(path, is_landed)` for each relevant event, `on_overflow()` when events were lost.
 
-    def __init__(self, notify: Callable[[Path], None], on_overflow: Callable[[], None]) -> None:
+    `is_landed`: the file at `path` was closed after writing or moved in, so it is complete.
+    """
+
+    def __init__(self, notify: Callable[[Path, bool], None], on_overflow: Callable[[], None]) -> None:
         self._observer = _CompletionObserver()
         self._forwarder = _Forwarder(notify)
         self._overflow = _OverflowDetector(on_overflow)

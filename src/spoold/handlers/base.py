@@ -49,6 +49,30 @@ class Checkpoint(Protocol):
         """Write `data` to the sidecar durably, now."""
 
 
+class ArrivingBundle(Protocol):
+    """A bundle still being written into the inbox, given to a step that starts early.
+
+    The producer has not written its ready marker yet. `root_fd` is the bundle
+    folder, open: it stays valid when the marker arrives and the daemon moves the
+    folder into the item's work folder, so a step reads it through the descriptor
+    (`os.open(name, flags, dir_fd=...)`) and never by path.
+    """
+
+    root_fd: int
+
+    def take_landed(self) -> list[str]:
+        """Paths (relative to the bundle) closed after writing or moved in since the last call."""
+
+    def wait(self, timeout: float) -> None:
+        """Return when something lands, the bundle is complete, or `timeout` passes; `Interrupted` on stop."""
+
+    def is_complete(self) -> bool:
+        """The ready marker arrived: the bundle is whole and is `payload[0]` now."""
+
+    def wait_complete(self) -> None:
+        """Block until the ready marker arrives; `Interrupted` on stop or if the bundle left the inbox."""
+
+
 class StepContext(Protocol):
     """Everything a running step may see or do; implemented by the daemon."""
 
@@ -65,6 +89,8 @@ class StepContext(Protocol):
     # The config's `min_free`: steps that fill the disk (fetch) wait rather than go below it.
     min_free_bytes: int
     log: logging.LoggerAdapter[logging.Logger]
+    # Set only for a step that starts early (`starts_early`) while its bundle is still arriving.
+    arriving: ArrivingBundle | None
 
     def template_values(self) -> dict[str, Any]:
         """Built-ins (`name`, `stem`, `ext`, `queue`, `host`, `date`, `path`, `item_dir`, digests) and fields."""
@@ -107,6 +133,11 @@ class Handler(ABC, Generic[OptionsT]):
 
     def __init__(self, options: OptionsT) -> None:
         self.options = options
+
+    @property
+    def starts_early(self) -> bool:
+        """Whether this step may start on a bundle still arriving (only as a queue's first step)."""
+        return False
 
     def validate(self, queue_names: frozenset[str], is_queue_of_requests: bool) -> str | None:
         """Cross-check against the whole config; return an error message or None."""
