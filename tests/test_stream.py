@@ -102,11 +102,17 @@ def inbox(spool: Path) -> Iterator[Path]:
 def test_encoding_starts_before_the_marker_and_ends_just_after_it(
     frames: Path, spool: Path, inbox: Path, daemon: Daemon, write_config: WriteConfig
 ) -> None:
-    daemon(write_config(STREAM))
+    from tests.test_cli import spoold
+
+    config = write_config(STREAM)
+    daemon(config)
     producer = Producer(frames, inbox / "ep1", list(range(1, 61)), fps=20).start()
     doc = wait_for(arriving_progress(spool, "ep1"), 20, "frames encoded while the episode is still arriving")
     assert doc["state"] == "running" and doc["step"] == "encode"
     assert producer.count < 60, "the episode was complete before any frame was encoded"
+    shown = spoold("status", "-c", str(config))
+    assert "frames so far; the bundle is still arriving" in shown.stdout, shown.stdout
+    assert "still arriving" in spoold("status", "-c", str(config), "episodes", "ep1").stdout
     assert not (spool / "episodes" / "work" / "ep1" / "ep1").exists(), "claimed before its ready marker"
     marked = producer.finish({"operator": "ana"})
     doc = wait_for(sidecar_state(spool, "episodes", "ep1", "done"), 30, "ep1 done")

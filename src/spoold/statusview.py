@@ -71,6 +71,7 @@ def _brief(document: dict[str, Any]) -> dict[str, Any]:
         "progress": step.get("progress") if step else None,
         "updated": document.get("updated"),
         "error": (document.get("error") or {}).get("message"),
+        "arriving": bool(document.get("arriving")),
     }
 
 
@@ -107,6 +108,8 @@ def _progress_text(item: dict[str, Any], room: int) -> str:
         return _cut(str(item.get("error") or ""), max(room, 20))
     progress = item.get("progress") or {}
     total, done = progress.get("bytes_total"), progress.get("bytes_done")
+    if item.get("arriving"):
+        return f"{done or 0} of {total or 0} {progress.get('unit', 'bytes')} so far; the bundle is still arriving"
     if not total or done is None:
         return ""
     fraction = min(max(done / total, 0.0), 1.0)
@@ -136,6 +139,8 @@ def render_item(document: dict[str, Any]) -> str:
              + (f" at {document['step']}" if document.get("step") else "")]  # fmt: skip
     if document.get("original_name") != document.get("item"):
         lines.append(f"  dropped as: {document.get('original_name')}")
+    if document.get("arriving"):
+        lines.append("  still arriving: the first step runs while the bundle is written; waiting for its marker")
     if document.get("fields"):
         lines.append(f"  fields: {json.dumps(document['fields'], ensure_ascii=False)}")
     for step in document.get("steps", []):
