@@ -238,3 +238,23 @@ def test_stream_must_be_the_first_step_of_a_marker_bundle_queue(
     assert result.returncode == 78, result.stderr
     assert "encode" in result.stderr and "ready: marker" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_graceful_stop_while_arriving_ends_ffmpeg_and_resumes_after_restart(
+    frames: Path, spool: Path, inbox: Path, daemon: Daemon, write_config: WriteConfig
+) -> None:
+    from tests.test_media import encoders_of
+
+    config = write_config(STREAM)
+    first = daemon(config)
+    producer = Producer(frames, inbox / "ep8", list(range(1, 61)), fps=15).start()
+    wait_for(arriving_progress(spool, "ep8"), 20, "ep8 encoding while arriving")
+    assert encoders_of(spool / "episodes" / "work" / "ep8"), "no ffmpeg running while the episode arrives"
+    assert first.stop(timeout=15) == 0
+    assert not encoders_of(spool / "episodes" / "work" / "ep8"), "ffmpeg outlived a graceful stop"
+    doc = read_sidecar(spool, "episodes", "ep8")
+    assert doc is not None and doc["state"] == "queued" and doc["arriving"] is True
+    daemon(config)
+    producer.finish()
+    doc = wait_for(sidecar_state(spool, "episodes", "ep8", "done"), 30, "ep8 done after the restart")
+    assert doc["steps"][0]["result"]["cameras"]["cam_left"]["frames"] == 60

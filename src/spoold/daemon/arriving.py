@@ -169,10 +169,12 @@ def check_still_there(daemon: Daemon, state: QueueState) -> None:
     """Drop provisional items whose folder left the inbox (or was replaced) without a marker."""
     for arriving in list(state.arriving.values()):
         try:
-            info = os.lstat(state.folders.inbox / arriving.entry)
-            is_same = info.st_ino == os.fstat(arriving.root_fd).st_ino
-        except FileNotFoundError:
+            info, held = os.lstat(state.folders.inbox / arriving.entry), os.fstat(arriving.root_fd)
+            is_same = (info.st_dev, info.st_ino) == (held.st_dev, held.st_ino)
+        except (FileNotFoundError, NotADirectoryError):
             is_same = False
+        except OSError:
+            continue  # cannot tell now (e.g. permissions changed): keep it, look again at the next rescan
         if not is_same:
             abandon(daemon, state, arriving)
 

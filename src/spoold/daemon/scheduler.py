@@ -238,7 +238,8 @@ class Daemon:
         if arrival.is_early:
             arriving.start(self, state, arrival.entry)
             return
-        early = next((a for a in state.arriving.values() if a.entry == arrival.entry), None)
+        # An abandoned item's folder was replaced: the marker belongs to the new folder, a new item.
+        early = next((a for a in state.arriving.values() if a.entry == arrival.entry and not a.is_abandoned), None)
         if early is not None:
             arriving.complete(self, state, early, arrival)
         else:
