@@ -258,3 +258,17 @@ def test_a_graceful_stop_while_arriving_ends_ffmpeg_and_resumes_after_restart(
     producer.finish()
     doc = wait_for(sidecar_state(spool, "episodes", "ep8", "done"), 30, "ep8 done after the restart")
     assert doc["steps"][0]["result"]["cameras"]["cam_left"]["frames"] == 60
+
+
+def test_a_whole_episode_moved_in_then_marked_is_encoded(
+    frames: Path, tmp_path: Path, spool: Path, inbox: Path, daemon: Daemon, write_config: WriteConfig
+) -> None:
+    daemon(write_config(STREAM))
+    staged = tmp_path / "ep9"
+    for camera in CAMERAS:
+        shutil.copytree(frames, staged / camera)
+    staged.rename(inbox / "ep9")  # no event inside the folder: its frames are found by listing
+    wait_for(arriving_progress(spool, "ep9"), 20, "a moved-in episode encoding before its marker")
+    (inbox / "ep9.ready").write_text("")
+    doc = wait_for(sidecar_state(spool, "episodes", "ep9", "done"), 30, "ep9 done")
+    assert {c["frames"] for c in doc["steps"][0]["result"]["cameras"].values()} == {60}
