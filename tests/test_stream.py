@@ -94,6 +94,15 @@ def arriving_progress(spool: Path, item: str) -> Callable[[], dict[str, Any] | N
     return check
 
 
+def done_with(spool: Path, item: str, frames: int) -> dict[str, Any]:
+    """Wait for `item` to be done; check every camera's video holds `frames` frames."""
+    doc = wait_for(sidecar_state(spool, "episodes", item, "done"), 30, f"{item} done")
+    assert {c["frames"] for c in doc["steps"][0]["result"]["cameras"].values()} == {frames}
+    for camera in CAMERAS:
+        assert media.probe(spool / "episodes" / "done" / item / f"{camera}.mp4")["frames"] == frames
+    return doc
+
+
 @pytest.fixture
 def inbox(spool: Path) -> Iterator[Path]:
     yield spool / "episodes" / "inbox"
@@ -137,8 +146,7 @@ def test_frames_renamed_in_are_taken_too(
     producer = Producer(frames, inbox / "ep2", list(range(1, 41)), rename_in=True).start()
     wait_for(arriving_progress(spool, "ep2"), 20, "renamed-in frames encoded while arriving")
     producer.finish()
-    doc = wait_for(sidecar_state(spool, "episodes", "ep2", "done"), 30, "ep2 done")
-    assert doc["steps"][0]["result"]["cameras"]["cam_right"]["frames"] == 40
+    done_with(spool, "ep2", 40)
 
 
 def test_a_gap_is_reported_at_the_marker_not_encoded(
@@ -170,9 +178,7 @@ def test_a_first_frame_landing_late_is_encoded_in_order(
     wait_for(arriving_progress(spool, "ep4"), 20, "frames from 5 on encoded while arriving")
     Producer(frames, episode, list(range(1, 5))).start().written.wait(10)
     producer.finish()
-    doc = wait_for(sidecar_state(spool, "episodes", "ep4", "done"), 30, "ep4 done")
-    assert doc["steps"][0]["result"]["cameras"]["cam_left"]["frames"] == 30
-    assert media.probe(spool / "episodes" / "done" / "ep4" / "cam_left.mp4")["frames"] == 30
+    done_with(spool, "ep4", 30)
 
 
 def test_a_bundle_removed_before_its_marker_leaves_no_item(
@@ -189,8 +195,7 @@ def test_a_bundle_removed_before_its_marker_leaves_no_item(
     # The name is free again: the same episode written anew becomes an item of its own.
     again = Producer(frames, inbox / "ep5", list(range(1, 11))).start()
     again.finish()
-    doc = wait_for(sidecar_state(spool, "episodes", "ep5", "done"), 30, "ep5 done")
-    assert doc["steps"][0]["result"]["cameras"]["cam_left"]["frames"] == 10
+    done_with(spool, "ep5", 10)
     assert "dropped" in running.log()
 
 
@@ -205,9 +210,7 @@ def test_kill_9_while_arriving_then_restart_finishes_the_episode(
     assert not producer.written.is_set(), "the episode finished arriving before the kill"
     daemon(config)
     producer.finish()
-    doc = wait_for(sidecar_state(spool, "episodes", "ep6", "done"), 30, "ep6 done after the restart")
-    assert doc["steps"][0]["result"]["cameras"]["cam_right"]["frames"] == 60
-    assert media.probe(spool / "episodes" / "done" / "ep6" / "cam_right.mp4")["frames"] == 60
+    done_with(spool, "ep6", 60)
 
 
 def test_a_marker_with_bad_json_rejects_the_item_keeping_its_frames(
@@ -256,8 +259,7 @@ def test_a_graceful_stop_while_arriving_ends_ffmpeg_and_resumes_after_restart(
     assert doc is not None and doc["state"] == "queued" and doc["arriving"] is True
     daemon(config)
     producer.finish()
-    doc = wait_for(sidecar_state(spool, "episodes", "ep8", "done"), 30, "ep8 done after the restart")
-    assert doc["steps"][0]["result"]["cameras"]["cam_left"]["frames"] == 60
+    done_with(spool, "ep8", 60)
 
 
 def test_a_whole_episode_moved_in_then_marked_is_encoded(
@@ -270,5 +272,4 @@ def test_a_whole_episode_moved_in_then_marked_is_encoded(
     staged.rename(inbox / "ep9")  # no event inside the folder: its frames are found by listing
     wait_for(arriving_progress(spool, "ep9"), 20, "a moved-in episode encoding before its marker")
     (inbox / "ep9.ready").write_text("")
-    doc = wait_for(sidecar_state(spool, "episodes", "ep9", "done"), 30, "ep9 done")
-    assert {c["frames"] for c in doc["steps"][0]["result"]["cameras"].values()} == {60}
+    done_with(spool, "ep9", 60)
