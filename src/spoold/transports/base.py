@@ -8,6 +8,7 @@ boundary, so the scheduler's retry policy never sees paramiko or botocore.
 from __future__ import annotations
 
 import dataclasses
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
@@ -77,6 +78,15 @@ def redact_url(url: str) -> str:
     userinfo, _, tail = rest.partition("@")
     user = userinfo.split(":", 1)[0]
     return f"{scheme}://{user}{':***' if ':' in userinfo else ''}@{tail}"
+
+
+def credential_path(name: str) -> Path:
+    """`$CREDENTIALS_DIRECTORY/NAME`: a secret systemd passed in (`LoadCredential=`), never in the YAML."""
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        raise PermanentError(f"credential {name!r} needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=); "
+                             "it is not set")  # fmt: skip
+    return Path(folder) / name
 
 
 def join_remote(folder: str, name: str) -> str:

@@ -10,21 +10,17 @@ role). The secret and token are registered with `spoold.redact` as soon as read.
 from __future__ import annotations
 
 import configparser
-import os
-from pathlib import Path
 
 from spoold.errors import PermanentError
 from spoold.redact import register_secret
+from spoold.transports.base import credential_path
 
 
 def session_credentials(name: str | None) -> dict[str, str]:
     """Session keyword arguments from a systemd credential, or none (boto3's own chain)."""
     if not name:
         return {}
-    folder = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not folder:
-        raise PermanentError(f"credential {name!r}: $CREDENTIALS_DIRECTORY is not set (LoadCredential= in the unit)")
-    path = Path(folder) / name
+    path = credential_path(name)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

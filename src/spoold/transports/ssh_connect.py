@@ -13,7 +13,6 @@ import base64
 import getpass
 import hashlib
 import logging
-import os
 import socket
 import time
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ import paramiko
 
 from spoold.errors import PermanentError, TransientError
 from spoold.redact import register_secret
-from spoold.transports.base import ParsedUrl
+from spoold.transports.base import ParsedUrl, credential_path
 
 log = logging.getLogger("spoold.sftp")
 
@@ -149,11 +148,7 @@ def _credentials(settings: Mapping[str, Any]) -> tuple[list[paramiko.PKey], str 
     if settings.get("password_file"):
         password = _read_secret(Path(settings["password_file"]).expanduser())
     if settings.get("credential"):
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            raise PermanentError(f"credential {settings['credential']!r} needs $CREDENTIALS_DIRECTORY "
-                                 "(systemd LoadCredential=); it is not set")  # fmt: skip
-        path = Path(directory) / str(settings["credential"])
+        path = credential_path(str(settings["credential"]))
         text = _read_secret(path)
         if "PRIVATE KEY-----" in text:
             keys.append(_load_key(path))
