@@ -3,6 +3,7 @@ real inotify and the daemon as a subprocess."""
 
 from __future__ import annotations
 
+import calendar
 import json
 import shutil
 import threading
@@ -129,7 +130,7 @@ def test_encoding_starts_before_the_marker_and_ends_just_after_it(
     assert doc["fields"] == {"operator": "ana"}
     step = doc["steps"][0]
     assert step["result"]["cameras"]["cam_left"]["frames"] == 60
-    finished = time.mktime(time.strptime(step["finished"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    finished = calendar.timegm(time.strptime(step["finished"][:19], "%Y-%m-%dT%H:%M:%S"))
     assert finished - marked < 5, "the encode was not ready soon after the marker"
     done = spool / "episodes" / "done" / "ep1"
     for camera in CAMERAS:
