@@ -20,7 +20,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from spoold.daemon import claiming
-from spoold.daemon.intake import Arrival
+from spoold.daemon.intake import READY_SUFFIX, Arrival
 from spoold.daemon.items import create_sidecar, read_json_object
 from spoold.daemon.layout import QueueFolders
 from spoold.daemon.sidecar import Sidecar
@@ -106,6 +106,26 @@ class ArrivingItem:
             raise Interrupted("the daemon is stopping")
 
 
+def on_arrival(daemon: Daemon, state: QueueState, arrival: Arrival) -> None:
+    """Act on what intake reports: a folder to start early, the marker of one arriving, or a complete entry."""
+    if arrival.is_early:
+        start(daemon, state, arrival.entry)
+        return
+    # An abandoned item's folder was replaced: the marker belongs to the new folder, a new item.
+    early = next((a for a in state.arriving.values() if a.entry == arrival.entry and not a.is_abandoned), None)
+    if early is not None:
+        complete(daemon, state, early)
+    else:
+        claiming.accept(daemon, state, arrival)
+
+
+def on_event(state: QueueState, parts: tuple[str, ...], is_landed: bool) -> None:
+    """An inbox event at `parts` (relative to the inbox): tell the step reading that bundle, if any."""
+    for item in state.arriving.values():
+        if len(parts) > 1 and item.entry == parts[0]:
+            item.touched("/".join(parts[1:]), is_landed)
+
+
 def start(daemon: Daemon, state: QueueState, entry: str) -> None:
     """A bundle folder appeared: make it a provisional item whose first step starts now."""
     folders = state.folders
@@ -130,11 +150,10 @@ def _track(daemon: Daemon, state: QueueState, sidecar: Sidecar, arriving: Arrivi
     state.pending.append(sidecar.name)
 
 
-def complete(daemon: Daemon, state: QueueState, arriving: ArrivingItem, arrival: Arrival) -> None:
+def complete(daemon: Daemon, state: QueueState, arriving: ArrivingItem) -> None:
     """The ready marker arrived: move the folder into the item, then let whoever owns the sidecar settle it."""
     folders = state.folders
-    assert arrival.marker is not None
-    fields, problem = read_json_object(folders.inbox / arrival.marker)
+    fields, rejection = _read_marker(folders, arriving.entry)
     try:
         os.rename(folders.inbox / arriving.entry, folders.work / arriving.item / arriving.item)
     except FileNotFoundError:
@@ -142,27 +161,34 @@ def complete(daemon: Daemon, state: QueueState, arriving: ArrivingItem, arrival:
         return
     del state.arriving[arriving.item]
     state.intake.receiving.discard(arriving.entry)
-    arriving.complete(fields or {}, problem and f"ready marker {problem}")
+    arriving.complete(fields, rejection)
     if arriving.item not in state.running:
         # Nobody else holds the sidecar: settle it here (a running item's runner does it).
-        _settle_here(daemon, state, state.sidecars[arriving.item], arriving)
+        _settle_here(daemon, state, state.sidecars[arriving.item], arriving.entry, fields, rejection)
         arriving.close()
 
 
-def _settle_here(daemon: Daemon, state: QueueState, sidecar: Sidecar, arriving: ArrivingItem) -> None:
-    settle(state.folders, sidecar, arriving)
-    if arriving.rejection:
-        claiming.reject(daemon, state, sidecar, arriving.rejection)
+def _read_marker(folders: QueueFolders, entry: str) -> tuple[dict[str, Any], str | None]:
+    """(fields, rejection) from the bundle's ready marker."""
+    fields, problem = read_json_object(folders.inbox / f"{entry}{READY_SUFFIX}")
+    return fields or {}, problem and f"ready marker {problem}"
+
+
+def _settle_here(daemon: Daemon, state: QueueState, sidecar: Sidecar, entry: str, fields: dict[str, Any],
+                 rejection: str | None) -> None:  # fmt: skip
+    settle(state.folders, sidecar, entry, fields)
+    if rejection:
+        claiming.reject(daemon, state, sidecar, rejection)
         state.sidecars.pop(sidecar.name, None)
 
 
-def settle(folders: QueueFolders, sidecar: Sidecar, arriving: ArrivingItem) -> None:
+def settle(folders: QueueFolders, sidecar: Sidecar, entry: str, fields: dict[str, Any]) -> None:
     """Record a completed arrival in the sidecar: the marker's fields join the item's, the marker goes."""
-    sidecar.doc["fields"].update(arriving.fields)
+    sidecar.doc["fields"].update(fields)
     sidecar.doc.pop(SIDECAR_FLAG, None)
     sidecar.write()
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(folders.inbox / f"{arriving.entry}.ready")
+        os.unlink(folders.inbox / f"{entry}{READY_SUFFIX}")
 
 
 def check_still_there(daemon: Daemon, state: QueueState) -> None:
@@ -187,16 +213,20 @@ def abandon(daemon: Daemon, state: QueueState, arriving: ArrivingItem) -> None:
 
 def discard(daemon: Daemon, state: QueueState, arriving: ArrivingItem) -> None:
     """Remove every trace of a provisional item (the running step, if any, has ended)."""
-    folders, name = state.folders, arriving.item
+    arriving.close()
+    _drop(daemon, state, arriving.item, arriving.entry)
+
+
+def _drop(daemon: Daemon, state: QueueState, name: str, entry: str) -> None:
+    folders = state.folders
     state.arriving.pop(name, None)
-    state.intake.receiving.discard(arriving.entry)
+    state.intake.receiving.discard(entry)
     state.sidecars.pop(name, None)
     state.retry_at.pop(name, None)
     folders.remove_item_data(name)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(folders.sidecar_path(name))
     daemon._forget(state.queue.name, name)
-    arriving.close()
     log.info("%s/%s: the bundle left the inbox before its ready marker; the provisional item is dropped",
              state.queue.name, name)  # fmt: skip
 
@@ -207,16 +237,14 @@ def resume(daemon: Daemon, state: QueueState, sidecar: Sidecar) -> None:
     entry = str(sidecar.doc.get("original_name", name))
     if (folders.work / name / name).exists():
         # Renamed in before the crash; the marker (removed last) still holds the fields.
-        fields, problem = read_json_object(folders.inbox / f"{entry}.ready")
-        arriving = ArrivingItem(entry, name, -1, daemon.stop_event)
-        arriving.complete(fields or {}, problem and f"ready marker {problem}")
-        _settle_here(daemon, state, sidecar, arriving)
-        if not arriving.rejection:
+        fields, rejection = _read_marker(folders, entry)
+        _settle_here(daemon, state, sidecar, entry, fields, rejection)
+        if not rejection:
             daemon._schedule_existing(state, name)
         return
     try:
         root_fd = os.open(folders.inbox / entry, _OPEN_FLAGS)
     except OSError:
-        discard(daemon, state, ArrivingItem(entry, name, -1, daemon.stop_event))
+        _drop(daemon, state, name, entry)
         return
     _track(daemon, state, sidecar, ArrivingItem(entry, name, root_fd, daemon.stop_event))

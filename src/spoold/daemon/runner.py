@@ -221,7 +221,7 @@ class ItemRunner:
         except Interrupted:
             return self._interrupted(entry)
         self.arriving = None
-        settle(self.folders, self.sidecar, arriving)
+        settle(self.folders, self.sidecar, arriving.entry, arriving.fields)
         arriving.close()
         if arriving.rejection is None:
             return None

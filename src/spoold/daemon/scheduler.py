@@ -20,12 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from spoold.daemon import arriving, claiming, recovery
+from spoold.daemon import arriving, recovery
 from spoold.daemon.arriving import ArrivingItem
 from spoold.daemon.config import Config, Queue, load_config
 from spoold.daemon.handoff import hand_over
 from spoold.daemon.health import NodeStatus, write_health
-from spoold.daemon.intake import Arrival, Intake
+from spoold.daemon.intake import Intake
 from spoold.daemon.layout import QueueFolders, SpoolLayout
 from spoold.daemon.retention import prune
 from spoold.daemon.runner import ItemRunner, Outcome
@@ -147,7 +147,7 @@ class Daemon:
                 if path.is_relative_to(state.folders.inbox):
                     state.intake.notice(path, now)
                     if state.arriving:
-                        self._touch_arriving(state, path.relative_to(state.folders.inbox).parts, message[2])
+                        arriving.on_event(state, path.relative_to(state.folders.inbox).parts, message[2])
         elif kind == "rescan":
             log.warning("inotify events were lost; rescanning every inbox")
             self._next["rescan"] = 0.0
@@ -160,12 +160,6 @@ class Daemon:
         elif kind == "signal":
             return self._on_signal(message[1])
         return None
-
-    @staticmethod
-    def _touch_arriving(state: QueueState, parts: tuple[str, ...], is_landed: bool) -> None:
-        for item in state.arriving.values():
-            if len(parts) > 1 and item.entry == parts[0]:
-                item.touched("/".join(parts[1:]), is_landed)
 
     def _on_signal(self, signum: int) -> str | None:
         if signum == signal.SIGHUP:
@@ -215,7 +209,7 @@ class Daemon:
             for state in self.queues.values():
                 if not self.is_intake_paused:
                     for arrival in state.intake.due(now):
-                        self._arrived(state, arrival)
+                        arriving.on_arrival(self, state, arrival)
                 for item, at in list(state.retry_at.items()):
                     if at <= now:
                         del state.retry_at[item]
@@ -233,17 +227,6 @@ class Daemon:
             self.notifier.status(self.node_status().status_line())
 
     # ---- intake ------------------------------------------------------------------------------------------------
-
-    def _arrived(self, state: QueueState, arrival: Arrival) -> None:
-        if arrival.is_early:
-            arriving.start(self, state, arrival.entry)
-            return
-        # An abandoned item's folder was replaced: the marker belongs to the new folder, a new item.
-        early = next((a for a in state.arriving.values() if a.entry == arrival.entry and not a.is_abandoned), None)
-        if early is not None:
-            arriving.complete(self, state, early, arrival)
-        else:
-            claiming.accept(self, state, arrival)
 
     def _schedule_existing(self, state: QueueState, name: str) -> None:
         sidecar = Sidecar.load(state.folders.sidecar_path(name))
