@@ -14,8 +14,9 @@ from pathlib import Path
 from spoold import __version__
 from spoold.daemon.config import EMBEDDED_DEFAULT, Config, load_config
 from spoold.daemon.layout import SpoolLayout
-from spoold.daemon.sidecar import Sidecar, read_json
+from spoold.daemon.retries import requeue_failed
 from spoold.errors import ConfigError
+from spoold.fsio import read_json
 
 EX_OK = 0
 EX_FAIL = 1
@@ -86,11 +87,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from spoold.daemon.logs import setup_logging
-    from spoold.daemon.scheduler import Daemon
+    from spoold.daemon.server import Server
 
     config = load_config(args.config)
     setup_logging(config.log_level)
-    daemon = Daemon(config, args.config)
+    daemon = Server(config, args.config)
     try:
         code = daemon.run()
     except PermissionError as exc:
@@ -155,21 +156,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
         names = sorted(p.name for p in folders.failed.iterdir()) if folders.failed.is_dir() else []
     retried = 0
     for name in names:
-        sidecar = Sidecar.load(folders.sidecar_path(name))
-        if sidecar is None or sidecar.state != "failed":
+        if not requeue_failed(folders, name):
             if args.item:
                 raise CliError(f"{args.queue}/{name} is not a failed item", EX_NOINPUT)
             continue
-        if (folders.failed / name).exists():
-            os.rename(folders.failed / name, folders.work / name)
-        else:
-            (folders.work / name).mkdir(exist_ok=True)
-        for step in sidecar.doc["steps"]:
-            if step.get("state") != "done":
-                step.update(state="pending", attempt=1)
-                step.pop("error", None)
-        sidecar.doc.update(state="queued", error=None, next_attempt_at=None, attempts=0)
-        sidecar.write()
         retried += 1
         print(f"{args.queue}/{name}: queued again")
     _nudge_daemon(config)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spoold.daemon.sidecar import read_json
+from spoold.fsio import read_json
 
 ACTIVE = ("running", "waiting", "retrying", "queued")
 

@@ -1,4 +1,9 @@
-"""Claiming: a complete inbox entry becomes an item, with its fields, or a rejected one in failed/."""
+"""Turning inbox entries and work folders into items: claim, adopt, reject, create the sidecar.
+
+Each function moves files and writes the sidecar, then returns it; the queue's
+bookkeeping (`queues.QueueBook`) records what it returns. Nothing here touches
+the daemon's state.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,31 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from spoold.daemon.config import Config, Queue
 from spoold.daemon.intake import Arrival
-from spoold.daemon.items import create_sidecar, item_name_for, read_json_object
-from spoold.daemon.sidecar import Sidecar, now_iso
-
-if TYPE_CHECKING:
-    from spoold.daemon.scheduler import Daemon, QueueState
+from spoold.daemon.items import fields_from_name, item_name_for, read_json_object
+from spoold.daemon.layout import HANDOFF_FILE, QueueFolders, read_handoff
+from spoold.daemon.sidecar import Sidecar
 
 log = logging.getLogger("spoold")
 
 
-def accept(daemon: Daemon, state: QueueState, arrival: Arrival) -> None:
-    """Claim a complete inbox entry and make it an item (or a rejected one, in failed/)."""
-    folders, queue = state.folders, state.queue
+def create_sidecar(
+    config: Config, queue: Queue, folders: QueueFolders, item: str, *, original_name: str, kind: str,
+    fields: dict[str, Any], payload: list[str], extras: list[str] | None = None, origin: str | None = None,
+) -> Sidecar:  # fmt: skip
+    """A new item's sidecar (not yet written): fields from its name, then the given ones."""
+    return Sidecar.new(
+        folders.sidecar_path(item), queue=queue.name, item=item, original_name=original_name, kind=kind,
+        fields={**fields_from_name(queue, original_name), **fields}, step_names=[s.name for s in queue.steps],
+        host=config.host, payload=payload, extras=extras, origin=origin,
+    )  # fmt: skip
+
+
+def claim(config: Config, queue: Queue, folders: QueueFolders, arrival: Arrival) -> Sidecar | None:
+    """Claim a complete inbox entry: a queued item, or a rejected one already in failed/; None if it vanished."""
     fields: dict[str, Any] = {}
     rejection = arrival.rejection
     kind = "file"
@@ -36,31 +51,67 @@ def accept(daemon: Daemon, state: QueueState, arrival: Arrival) -> None:
         kind = "bundle"
     name = folders.claim(arrival.entry, item_name_for(arrival.entry, kind), keep_entry_name=(kind == "request"))
     if name is None:
-        return
+        return None
     payload = [] if kind == "request" or arrival.rejection else [name]
-    sidecar = create_sidecar(daemon.config, queue, folders, name, original_name=arrival.entry, kind=kind,
-                             fields=fields, payload=payload)  # fmt: skip
+    sidecar = create_sidecar(config, queue, folders, name, original_name=arrival.entry, kind=kind, fields=fields,
+                             payload=payload)  # fmt: skip
     if rejection is not None:
-        reject(daemon, state, sidecar, rejection)
+        reject(folders, sidecar, rejection)
     else:
         sidecar.write()
-        daemon._set_state(queue.name, name, "queued")
-        state.sidecars[name] = sidecar
-        state.pending.append(name)
         log.info("%s/%s: claimed%s", queue.name, name, "" if name == arrival.entry else f" ({arrival.entry})")
     if arrival.marker:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folders.inbox / arrival.marker)
+    return sidecar
 
 
-def reject(daemon: Daemon, state: QueueState, sidecar: Sidecar, reason: str) -> None:
-    error = {"step": None, "type": "rejected", "message": reason, "retryable": False}
-    sidecar.doc.update(state="failed", error=error)
+def reject(folders: QueueFolders, sidecar: Sidecar, reason: str) -> None:
+    """Fail an item that cannot be handled at all, with the reason, and move it to failed/."""
+    sidecar.rejected(reason)
+    folders.finish(sidecar.name, "failed")
+    log.error("%s/%s: rejected: %s", sidecar.doc["queue"], sidecar.name, reason)
+
+
+def adopt_orphan(config: Config, queue: Queue, folders: QueueFolders, item: str) -> Sidecar | None:
+    """A work folder without a sidecar (crash between claim and sidecar, or a hand-over): make it an item.
+
+    Returns None for an empty folder (crash before the rename), which is removed.
+    """
+    item_dir = folders.work / item
+    handoff = read_handoff(item_dir)
+    if handoff is not None:
+        sidecar = create_sidecar(
+            config, queue, folders, item, original_name=str(handoff.get("original_name", item)),
+            kind=str(handoff.get("kind", "file")), fields=dict(handoff.get("fields", {})),
+            payload=list(handoff.get("payload", [])), extras=list(handoff.get("extras", [])),
+            origin=handoff.get("origin"),
+        )  # fmt: skip
+        if digests := handoff.get("digests"):
+            sidecar.doc["digests"] = digests
+        sidecar.write()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(item_dir / HANDOFF_FILE)
+        return sidecar
+    entries = [e for e in os.listdir(item_dir) if not e.startswith(".")]
+    if not entries:
+        os.rmdir(item_dir)
+        return None
+    if queue.spec.items == "requests" and (item_dir / entries[0]).is_file():
+        request, _ = read_json_object(item_dir / entries[0])
+        sidecar = create_sidecar(config, queue, folders, item, original_name=entries[0], kind="request",
+                                 fields=request or {}, payload=[])  # fmt: skip
+    else:
+        marker = folders.inbox / f"{item}.ready"
+        fields, _ = read_json_object(marker) if marker.exists() else ({}, None)
+        kind = "bundle" if (item_dir / item).is_dir() else "file"
+        sidecar = create_sidecar(config, queue, folders, item, original_name=item, kind=kind, fields=fields or {},
+                                 payload=[item])  # fmt: skip
     sidecar.write()
-    state.folders.finish(sidecar.name, "failed")
-    daemon._set_state(state.queue.name, sidecar.name, "failed")
-    daemon.last_error = {"queue": state.queue.name, "item": sidecar.name, **error, "at": now_iso()}
-    log.error("%s/%s: rejected: %s", state.queue.name, sidecar.name, reason)
+    if queue.spec.items != "requests":
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+    return sidecar
 
 
 def _is_real_dir(path: Path) -> bool:

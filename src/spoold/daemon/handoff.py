@@ -13,21 +13,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from spoold.daemon.claiming import adopt_orphan
 from spoold.daemon.config import Config, Queue
-from spoold.daemon.items import adopt_orphan
+from spoold.daemon.context import ItemContext
 from spoold.daemon.layout import QueueFolders, read_handoff
-from spoold.daemon.runner import ItemContext, ItemRunner
-from spoold.daemon.sidecar import read_json
 from spoold.errors import PermanentError
+from spoold.fsio import read_json
 
 
 def hand_over(
-    config: Config, runner: ItemRunner, target: Queue, folders: QueueFolders, ctx: ItemContext,
+    config: Config, target: Queue, folders: QueueFolders, ctx: ItemContext, source: str,
     paths: list[Path], fields: Mapping[str, Any], name: str | None,
 ) -> str:  # fmt: skip
-    doc = runner.sidecar.doc
+    """Make `paths` of the running item `ctx` a new item of `target`; `source` names the item (queue/item@created)."""
     key = name or ""
-    origin = f"{runner.queue.name}/{doc['item']}@{doc['created']}#{key}"
+    origin = f"{source}#{key}"
     done: dict[str, str] = ctx.checkpoint.data.setdefault("handed_over", {})
     if key in done:
         return done[key]
@@ -48,14 +48,14 @@ def hand_over(
     payload_set = {str(p) for p in ctx.payload}
     record = {
         "origin": origin,
-        "original_name": name or doc["item"],
+        "original_name": name or ctx.item,
         "kind": "bundle" if any(p.is_dir() for p in paths) else "file",
         "fields": dict(fields),
         "payload": [rel for p, rel in pairs if str(p) in payload_set or not ctx.payload],
         "extras": [rel for p, rel in pairs if ctx.payload and str(p) not in payload_set],
         "digests": {rel: ctx.digests[rel] for _, rel in pairs if rel in ctx.digests},
     }
-    new_name = folders.hand_over(pairs, name or doc["item"], record)
+    new_name = folders.hand_over(pairs, name or ctx.item, record)
     adopt_orphan(config, target, folders, new_name)
     done[key] = new_name
     ctx.checkpoint.data.pop("handing_over", None)

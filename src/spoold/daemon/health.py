@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from spoold import __version__
-from spoold.daemon.sidecar import STATES, now_iso, write_json_atomic
+from spoold.daemon.sidecar import STATES
+from spoold.fsio import now_iso, write_bytes_atomic
 from spoold.redact import redact
 
 HEALTH_SCHEMA = "spoold.health/1"
@@ -83,7 +85,8 @@ class NodeStatus:
 
 
 def write_health(status: NodeStatus, health_path: Path, metrics_path: Path) -> None:
-    write_json_atomic(health_path, status.health_document(), mode=0o644)
+    text = redact(json.dumps(status.health_document(), indent=2, ensure_ascii=False, default=str))
+    write_bytes_atomic(health_path, text.encode() + b"\n", mode=0o644)
     # The textfile collector reads *.prom whole; write it by rename too.
     tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
     tmp.write_text(status.metrics_text(), encoding="utf-8")

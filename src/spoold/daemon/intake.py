@@ -52,6 +52,10 @@ class Intake:
         # Entries already reported early, still arriving: only their marker matters now.
         self.receiving: set[str] = set()
 
+    def reconfigure(self, queue: Queue) -> None:
+        self.queue = queue
+        self.settle_seconds = float(queue.spec.settle)
+
     def is_ignored(self, name: str) -> bool:
         return name.startswith(".") or any(fnmatch.fnmatchcase(name, p) for p in self.queue.spec.ignore)
 

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from spoold.daemon.sidecar import fsync_dir, write_json_atomic
+from spoold.fsio import fsync_dir, write_json_atomic
 
 DIR_MODE = 0o2770
 SUBDIRS = ("inbox", "work", "done", "failed", "status")

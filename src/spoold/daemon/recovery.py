@@ -3,109 +3,135 @@
 Every state a `kill -9` can leave is handled here: a staging folder from an
 unfinished hand-over, a claimed folder without a sidecar, a finished item not
 yet moved out of work/, a ready marker not yet removed, a sidecar temp file, a
-bundle that was still arriving (see `arriving`).
+bundle that was still arriving (see `arriving`). The functions return what they
+found; the queue's bookkeeping records it. One item's trouble is logged and
+skipped, so it cannot keep the others from resuming; the next rescan tries it again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Collection
 
 from spoold.daemon import arriving
-from spoold.daemon.config import Queue
-from spoold.daemon.items import adopt_orphan
+from spoold.daemon.arriving import ArrivingItem
+from spoold.daemon.claiming import adopt_orphan, reject
+from spoold.daemon.config import Config, Queue
 from spoold.daemon.layout import HANDOFF_FILE, HANDOFF_PREFIX, QueueFolders
-from spoold.daemon.sidecar import Sidecar
-
-if TYPE_CHECKING:
-    from spoold.daemon.scheduler import Daemon, QueueState
+from spoold.daemon.sidecar import ACTIVE_STATES, Sidecar
 
 log = logging.getLogger("spoold.recovery")
-ACTIVE_STATES = ("queued", "running", "waiting", "retrying")
 
 
-def recover(daemon: Daemon, state: QueueState) -> None:
-    folders, queue = state.folders, state.queue
-    for name in os.listdir(folders.status):
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """An item found on disk: its sidecar, and for a bundle still arriving, the folder being read."""
+
+    sidecar: Sidecar
+    arriving: ArrivingItem | None = None
+
+
+def recover(config: Config, queue: Queue, folders: QueueFolders, stop_event: threading.Event,
+            busy: Collection[str] = ()) -> list[Found]:  # fmt: skip
+    """Every item of the queue on disk, made consistent; items in `busy` (running now) are left alone."""
+    for name in _listdir(folders.status):
         if name.startswith(".") and name.endswith(".tmp"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(folders.status / name)
-    for name in os.listdir(folders.work):
+    for name in _listdir(folders.work):
         if name.startswith(HANDOFF_PREFIX):
             shutil.rmtree(folders.work / name, ignore_errors=True)
-    known: set[str] = set()
-    for file_name in sorted(os.listdir(folders.status)):
-        if not file_name.endswith(".json") or file_name.startswith("."):
+    found: list[Found] = []
+    known: set[str] = set(busy)
+    for file_name in sorted(_listdir(folders.status)):
+        if not file_name.endswith(".json") or file_name.startswith(".") or file_name[:-5] in busy:
             continue
         sidecar = Sidecar.load(folders.status / file_name)
         if sidecar is None:
             log.warning("%s: ignoring unreadable sidecar %s", queue.name, file_name)
             continue
         known.add(sidecar.name)
-        _resume(daemon, state, sidecar)
-    for name in sorted(os.listdir(folders.work)):
-        if name in known or name.startswith("."):
-            continue
-        sidecar = adopt_orphan(daemon.config, queue, folders, name)
-        if sidecar is not None:
-            log.info("%s/%s: recovered a claimed item without a sidecar", queue.name, name)
-            daemon._schedule_existing(state, name)
+        try:
+            if (item := _resume(queue, folders, sidecar, stop_event)) is not None:
+                found.append(item)
+        except OSError as exc:
+            log.error("%s/%s: cannot resume: %s", queue.name, sidecar.name, exc)
+    found.extend(Found(s) for s in pick_up(config, queue, folders, known))
+    return found
 
 
-def _resume(daemon: Daemon, state: QueueState, sidecar: Sidecar) -> None:
-    folders, queue = state.folders, state.queue
+def _resume(queue: Queue, folders: QueueFolders, sidecar: Sidecar, stop_event: threading.Event) -> Found | None:
     name = sidecar.name
     # A kill between writing a handed-over item's sidecar and removing its record leaves the record behind.
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         os.unlink(folders.work / name / HANDOFF_FILE)
-    if sidecar.state in ("done", "failed"):
-        if (folders.work / name).exists():
-            if sidecar.state == "done":
-                settle_finished(queue, folders, sidecar)
-            else:
-                folders.finish(name, "failed")
-        daemon._set_state(queue.name, name, sidecar.state)
-        return
     if sidecar.state not in ACTIVE_STATES:
-        return
-    if sidecar.doc.get(arriving.SIDECAR_FLAG) and (folders.work / name).is_dir():
-        arriving.resume(daemon, state, sidecar)
-        return
+        if (folders.work / name).exists():
+            settle_finished(queue, folders, sidecar)
+        return Found(sidecar)
+    if sidecar.is_arriving and (folders.work / name).is_dir():
+        resumed = arriving.resume(folders, sidecar, stop_event)
+        if resumed[0] == "tracked":
+            return Found(sidecar, resumed[1])
+        if resumed[0] == "settled" and resumed[1] is not None:
+            reject(folders, sidecar, resumed[1])
+        return Found(sidecar) if resumed[0] == "settled" else None
     if not (folders.work / name).is_dir():
-        sidecar.doc.update(state="failed", error={"step": sidecar.doc.get("step"), "type": "missing",
-                           "message": "the item's folder vanished from work/", "retryable": False})  # fmt: skip
-        sidecar.write()
-        daemon._set_state(queue.name, name, "failed")
-        return
+        sidecar.vanished()
+        return Found(sidecar)
     if sidecar.doc.get("kind") == "bundle":
         original = str(sidecar.doc.get("original_name", name))
         if not os.path.lexists(folders.inbox / original):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(folders.inbox / f"{original}.ready")
-    daemon._schedule_existing(state, name)
+    return Found(sidecar)
 
 
-def settle_finished(queue: Queue, folders: QueueFolders, sidecar: Sidecar) -> None:
-    """Move a done item to done/, or delete its data when the queue keeps nothing."""
-    if queue.spec.keep.done == "delete":
-        folders.remove_item_data(sidecar.name)
-    else:
+def settle_finished(queue: Queue, folders: QueueFolders, sidecar: Sidecar, state: str | None = None) -> None:
+    """Move a finished item out of work/: to failed/, or done/ (its data deleted when the queue keeps none)."""
+    if (state or sidecar.state) == "failed":
+        folders.finish(sidecar.name, "failed")
+    elif queue.spec.keep.done != "delete":
         folders.finish(sidecar.name, "done")
+    else:
+        folders.remove_item_data(sidecar.name)
 
 
-def pick_up(daemon: Daemon, state: QueueState) -> None:
-    """Items that appeared in work/ behind the daemon's back (`spoold retry`)."""
-    for name in os.listdir(state.folders.work):
-        if name.startswith(".") or name in state.sidecars or name in state.running:
+def pick_up(config: Config, queue: Queue, folders: QueueFolders, known: Collection[str]) -> list[Sidecar]:
+    """Items in work/ that the daemon does not hold (`spoold retry`, a hand-over, a move that failed before).
+
+    Returns the ones to run; finished ones still in work/ are moved where they belong.
+    """
+    sidecars: list[Sidecar] = []
+    for name in sorted(_listdir(folders.work)):
+        if name.startswith(".") or name in known:
             continue
-        sidecar = Sidecar.load(state.folders.sidecar_path(name))
-        if sidecar is None:
-            if adopt_orphan(daemon.config, state.queue, state.folders, name) is None:
+        try:
+            sidecar = Sidecar.load(folders.sidecar_path(name))
+            if sidecar is None:
+                sidecar = adopt_orphan(config, queue, folders, name)
+                if sidecar is None:
+                    continue
+                log.info("%s/%s: recovered a claimed item without a sidecar", queue.name, name)
+            elif sidecar.state not in ACTIVE_STATES:
+                settle_finished(queue, folders, sidecar)
                 continue
-        elif sidecar.state not in ACTIVE_STATES:
-            continue
-        log.info("%s/%s: picked up from work/", state.queue.name, name)
-        daemon._schedule_existing(state, name)
+            else:
+                log.info("%s/%s: picked up from work/", queue.name, name)
+            sidecars.append(sidecar)
+        except OSError as exc:
+            log.error("%s/%s: cannot pick up from work/: %s", queue.name, name, exc)
+    return sidecars
+
+
+def _listdir(folder: os.PathLike[str]) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        log.error("cannot list %s: %s", folder, exc.strerror)
+        return []

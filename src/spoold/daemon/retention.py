@@ -14,7 +14,7 @@ from spoold.daemon.sidecar import Sidecar, parse_iso
 log = logging.getLogger("spoold.retention")
 
 
-def prune(queue: Queue, folders: QueueFolders, forget: Callable[[str, str], None]) -> int:
+def prune(queue: Queue, folders: QueueFolders, forget: Callable[[str], None]) -> int:
     """Remove data and sidecars of done/failed items past their keep period; return how many went."""
     now = time.time()
     removed = 0
@@ -32,7 +32,7 @@ def prune(queue: Queue, folders: QueueFolders, forget: Callable[[str, str], None
             folders.remove_item_data(sidecar.name)
         if age >= max(keep_data, float(queue.spec.keep.status)):
             sidecar.remove()
-            forget(queue.name, sidecar.name)
+            forget(sidecar.name)
             removed += 1
     if removed:
         log.info("%s: pruned %d finished items", queue.name, removed)

@@ -1,74 +1,35 @@
 """Sidecar status files: the item's public status and the durable record the daemon resumes from.
 
-Always replaced atomically (temp file in the same folder, fsync, rename, fsync
-the folder), so a reader never sees a partial file and a crash never loses the
-last state written. The whole document passes through `redact()`.
+Every change of an item's status is one method here (`start_step`, `retrying`,
+`failed`, `requeue`, ...), so the document's shape has one owner. Each
+transition is written at once, atomically (`spoold.fsio`); the whole document
+passes through `redact()`, since the sidecar must never hold a secret.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from spoold import __version__
+from spoold.fsio import now_iso, parse_iso, read_json, write_bytes_atomic
 from spoold.redact import redact
+
+__all__ = ["ACTIVE_STATES", "SCHEMA", "STATES", "Sidecar", "error_record", "now_iso", "parse_iso"]
 
 SCHEMA = "spoold.status/1"
 STATES = ("queued", "running", "waiting", "retrying", "done", "failed")
-FILE_MODE = 0o640
+ACTIVE_STATES = ("queued", "running", "waiting", "retrying")
+ARRIVING_FLAG = "arriving"
+PROGRESS_WRITE_SECONDS = 1.0
 
 
-def now_iso(ts: float | None = None) -> str:
-    """UTC time as `2026-11-21T10:00:01.120Z`."""
-    moment = datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def parse_iso(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        return None
-
-
-def write_json_atomic(path: Path, document: dict[str, Any], mode: int = FILE_MODE) -> None:
-    """Replace `path` with `document` so that readers see the old or the new file, never a mix."""
-    data = redact(json.dumps(document, indent=2, ensure_ascii=False, default=str)).encode() + b"\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object at `path`, or None when it is missing or not an object."""
-    try:
-        with open(path, encoding="utf-8") as stream:
-            document = json.load(stream)
-    except (OSError, ValueError):
-        return None
-    return document if isinstance(document, dict) else None
+def error_record(step: str | None, type_name: str, message: str, *, retryable: bool) -> dict[str, Any]:
+    return {"step": step, "type": type_name, "message": message, "retryable": retryable}
 
 
 class Sidecar:
@@ -83,7 +44,8 @@ class Sidecar:
     @classmethod
     def new(
         cls, path: Path, *, queue: str, item: str, original_name: str, kind: str, fields: dict[str, Any],
-        step_names: list[str], host: str,
+        step_names: list[str], host: str, payload: list[str], extras: list[str] | None = None,
+        origin: str | None = None,
     ) -> Sidecar:  # fmt: skip
         stamp = now_iso()
         document: dict[str, Any] = {
@@ -103,21 +65,29 @@ class Sidecar:
             "updated": stamp,
             "host": host,
             "spoold_version": __version__,
-            "payload": [],
-            "extras": [],
+            "payload": payload,
+            "extras": extras or [],
             "digests": {},
         }
+        if origin:
+            document["forwarded_from"] = origin
         return cls(path, document)
 
     @classmethod
     def load(cls, path: Path) -> Sidecar | None:
         document = read_json(path)
-        if document is None or document.get("schema") != SCHEMA:
+        if document is None or document.get("schema") != SCHEMA or not isinstance(document.get("item"), str):
+            return None
+        if not isinstance(document.get("steps"), list) or document.get("state") not in STATES:
             return None
         document.setdefault("payload", [])
         document.setdefault("extras", [])
         document.setdefault("digests", {})
+        if not isinstance(document.get("fields"), dict):
+            document["fields"] = {}
         return cls(path, document)
+
+    # ---- reading ---------------------------------------------------------------------------------------------
 
     @property
     def state(self) -> str:
@@ -127,33 +97,154 @@ class Sidecar:
     def name(self) -> str:
         return str(self.doc["item"])
 
-    def write(self) -> None:
-        with self._lock:
-            self.doc["updated"] = now_iso()
-            write_json_atomic(self.path, self.doc)
+    @property
+    def error(self) -> dict[str, Any] | None:
+        error = self.doc.get("error")
+        return error if isinstance(error, dict) else None
 
-    def write_progress(self) -> None:
-        """Write at most once a second; progress between writes is simply newer next time."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last_progress_write >= 1.0:
-                self._last_progress_write = now
-                self.write()
+    @property
+    def is_arriving(self) -> bool:
+        return bool(self.doc.get(ARRIVING_FLAG))
+
+    def next_attempt_at(self) -> float | None:
+        return parse_iso(self.doc.get("next_attempt_at"))
 
     def step_entry(self, index: int) -> dict[str, Any]:
         steps: list[dict[str, Any]] = self.doc["steps"]
         return steps[index]
 
-    def sync_steps(self, step_names: list[str]) -> None:
-        """Match the steps list to the chain (it may have changed across a restart)."""
+    def current_step_index(self) -> int | None:
+        """The step running now, or the first one not done yet."""
         steps: list[dict[str, Any]] = self.doc["steps"]
-        for index, name in enumerate(step_names):
-            if index >= len(steps):
-                steps.append({"name": name, "state": "pending"})
-            elif steps[index].get("name") != name:
-                steps[index] = {"name": name, "state": "pending"}
-        del steps[len(step_names) :]
+        for index, entry in enumerate(steps):
+            if entry.get("name") == self.doc.get("step") and entry.get("state") != "done":
+                return index
+        return next((i for i, e in enumerate(steps) if e.get("state") != "done"), None)
+
+    # ---- writing ---------------------------------------------------------------------------------------------
+
+    def write(self) -> None:
+        with self._lock:
+            self.doc["updated"] = now_iso()
+            text = redact(json.dumps(self.doc, indent=2, ensure_ascii=False, default=str))
+            write_bytes_atomic(self.path, text.encode() + b"\n")
+
+    def write_progress(self) -> None:
+        """Write at most once a second; progress between writes is simply newer next time."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_progress_write >= PROGRESS_WRITE_SECONDS:
+                self._last_progress_write = now
+                self.write()
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+    # ---- transitions -----------------------------------------------------------------------------------------
+
+    def sync_steps(self, step_names: list[str]) -> None:
+        """Match the steps list to the chain (it may have changed across a restart)."""
+        steps: list[dict[str, Any]] = self.doc["steps"]
+        for index, name in enumerate(step_names):
+            if index >= len(steps) or not isinstance(steps[index], dict):
+                steps[index:index + 1] = [{"name": name, "state": "pending"}]
+            elif steps[index].get("name") != name:
+                steps[index] = {"name": name, "state": "pending"}
+        del steps[len(step_names) :]
+
+    def mark_arriving(self) -> None:
+        self.doc[ARRIVING_FLAG] = True
+        self.write()
+
+    def arrival_settled(self, fields: dict[str, Any]) -> None:
+        """The bundle's ready marker came: its fields join the item's."""
+        self.doc["fields"].update(fields)
+        self.doc.pop(ARRIVING_FLAG, None)
+        self.write()
+
+    def start_step(self, index: int) -> dict[str, Any]:
+        entry = self.step_entry(index)
+        entry.setdefault("attempt", 1)
+        entry.update(state="running", started=now_iso())
+        entry.pop("finished", None)
+        entry.pop("error", None)
+        self.doc.update(state="running", step=entry["name"], attempts=entry["attempt"], next_attempt_at=None,
+                        error=None)  # fmt: skip
+        self.write()
+        return entry
+
+    def step_done(self, index: int, result: dict[str, Any], *, payload: list[str] | None, extras: list[str],
+                  fields: dict[str, Any]) -> None:  # fmt: skip
+        if payload is not None:
+            self.doc["payload"] = payload
+        for extra in extras:
+            if extra not in self.doc["extras"]:
+                self.doc["extras"].append(extra)
+        self.doc["fields"].update(fields)
+        entry = self.step_entry(index)
+        entry.update(state="done", finished=now_iso(), result=result)
+        for transient in ("progress", "waiting", "checkpoint"):
+            entry.pop(transient, None)
+        self.write()
+
+    def interrupted(self, index: int | None) -> None:
+        """Stopped mid-step: the checkpoint stays and the next start resumes from it."""
+        if index is not None:
+            self.step_entry(index)["state"] = "interrupted"
+        self.doc["state"] = "queued"
+        self.write()
+
+    def retrying(self, index: int | None, error: dict[str, Any], next_attempt: int, at: float) -> None:
+        self.doc.update(state="retrying", error=error, next_attempt_at=now_iso(at), attempts=next_attempt - 1)
+        if index is not None:
+            self.step_entry(index).update(state="retrying", attempt=next_attempt, error=error, finished=now_iso())
+        self.write()
+
+    def failed(self, index: int | None, error: dict[str, Any]) -> None:
+        self.doc.update(state="failed", error=error, next_attempt_at=None)
+        if index is not None:
+            self.step_entry(index).update(state="failed", error=error, finished=now_iso())
+        self.write()
+
+    def rejected(self, reason: str) -> None:
+        self.failed(None, error_record(None, "rejected", reason, retryable=False))
+
+    def vanished(self) -> None:
+        self.failed(None, error_record(self.doc.get("step"), "missing", "the item's folder vanished from work/",
+                                       retryable=False))  # fmt: skip
+
+    def done(self) -> None:
+        self.doc.update(state="done", step=None, error=None, next_attempt_at=None)
+        self.write()
+
+    def requeue(self) -> None:
+        """`spoold retry`: every step not done runs again with fresh attempts."""
+        for entry in self.doc["steps"]:
+            if entry.get("state") != "done":
+                entry.update(state="pending", attempt=1)
+                entry.pop("error", None)
+        self.doc.update(state="queued", error=None, next_attempt_at=None, attempts=0)
+        self.write()
+
+    def set_waiting(self, index: int, message: str, next_check_at: float) -> bool:
+        """Record what the step waits for; True when the item's state changed to `waiting`."""
+        self.step_entry(index)["waiting"] = {"for": message, "next_check_at": now_iso(next_check_at)}
+        if self.doc["state"] == "waiting":
+            self.write_progress()
+            return False
+        self.doc["state"] = "waiting"
+        self.write()
+        return True
+
+    def set_progress(self, index: int, progress: dict[str, Any]) -> bool:
+        """Record a step's progress; True when this ended a wait (the state is `running` again)."""
+        entry = self.step_entry(index)
+        entry.setdefault("progress", {}).update(progress)
+        if self.doc["state"] == "waiting":
+            self.doc["state"] = "running"
+            entry.pop("waiting", None)
+            self.write()
+            return True
+        self.write_progress()
+        return False

@@ -20,7 +20,7 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyEmitter
 from watchdog.observers.inotify_c import InotifyConstants, InotifyFD, Mask
 
@@ -90,9 +90,17 @@ class InboxWatcher:
         self._observer = _CompletionObserver()
         self._forwarder = _Forwarder(notify)
         self._overflow = _OverflowDetector(on_overflow)
+        self._watches: dict[Path, ObservedWatch] = {}
 
     def watch(self, inbox: Path, *, recursive: bool) -> None:
-        self._observer.schedule(self._forwarder, str(inbox), recursive=recursive, event_filter=EVENT_FILTER)
+        if inbox not in self._watches:
+            self._watches[inbox] = self._observer.schedule(self._forwarder, str(inbox), recursive=recursive,
+                                                           event_filter=EVENT_FILTER)  # fmt: skip
+
+    def unwatch(self, inbox: Path) -> None:
+        watch = self._watches.pop(inbox, None)
+        if watch is not None:
+            self._observer.unschedule(watch)
 
     def start(self) -> None:
         logging.getLogger(_OVERFLOW_LOGGER).addHandler(self._overflow)

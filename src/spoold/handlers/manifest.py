@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from spoold import __version__
-from spoold.daemon.sidecar import now_iso
+from spoold.fsio import now_iso
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.handlers.checksum import payload_files
 

@@ -14,9 +14,9 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from spoold.daemon.sidecar import fsync_dir
 from spoold.digest import CHUNK_BYTES, MultiHasher, hash_file
 from spoold.errors import ChecksumMismatch, PermanentError, TransientError
+from spoold.fsio import fsync_dir
 from spoold.transports.base import Delivered, RemoteEntry, TransferContext, Transport
 
 PART_SUFFIX = ".spoold.part"

@@ -26,8 +26,8 @@ from typing import Any
 
 import paramiko
 
-from spoold.daemon.sidecar import fsync_dir
 from spoold.errors import ChecksumMismatch, PermanentError, SpooldError, TransientError
+from spoold.fsio import fsync_dir
 from spoold.transports.base import Delivered, RemoteEntry, TransferContext, Transport, join_remote
 from spoold.transports.sftp_tree import (
     CHUNK_BYTES,

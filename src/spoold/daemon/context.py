@@ -1,0 +1,128 @@
+"""The step context: the daemon's side of `handlers.base.StepContext` for one running step.
+
+Everything a handler may see or do goes through here. State changes a step
+causes (running -> waiting and back) are written to the sidecar and reported
+to the main loop through `ItemEnv.report_state`; nothing here touches loop state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from spoold.daemon.arriving import ArrivingItem
+from spoold.daemon.config import Config, Queue
+from spoold.daemon.layout import QueueFolders
+from spoold.daemon.sidecar import Sidecar
+from spoold.errors import Interrupted
+from spoold.handlers.base import ArrivingBundle, Checkpoint, ItemKind
+from spoold.templates import render
+from spoold.transports import TransportPool
+
+RATE_SAMPLE_SECONDS = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemEnv:
+    """What every step of one item's run shares."""
+
+    config: Config
+    queue: Queue
+    folders: QueueFolders
+    sidecar: Sidecar
+    transports: TransportPool
+    stop_event: threading.Event
+    report_state: Callable[[str], None]
+    hand_over: Callable[[ItemContext, str, list[Path], Mapping[str, Any], str | None], str]
+    free_bytes: Callable[[], int]
+
+
+class SidecarCheckpoint:
+    def __init__(self, sidecar: Sidecar, entry: dict[str, Any]) -> None:
+        self._sidecar = sidecar
+        self.data: dict[str, Any] = entry.setdefault("checkpoint", {})
+
+    def save(self) -> None:
+        self._sidecar.write()
+
+
+class ItemContext:
+    """One running step's view of its item."""
+
+    def __init__(self, env: ItemEnv, index: int, arriving: ArrivingItem | None) -> None:
+        sidecar = env.sidecar
+        doc = sidecar.doc
+        self._env = env
+        self._index = index
+        entry = sidecar.step_entry(index)
+        self.queue = env.queue.name
+        self.item = sidecar.name
+        self.kind: ItemKind = doc["kind"]
+        self.item_dir = env.folders.work / self.item
+        self.payload = [self.item_dir / p for p in doc["payload"]]
+        self.extras = [self.item_dir / p for p in doc["extras"]]
+        self.fields: dict[str, Any] = doc["fields"]
+        self.digests: dict[str, dict[str, str]] = doc["digests"]
+        self.checkpoint: Checkpoint = SidecarCheckpoint(sidecar, entry)
+        self.min_free_bytes = env.config.min_free_bytes
+        self.arriving: ArrivingBundle | None = arriving
+        self.log = logging.LoggerAdapter(logging.getLogger(f"spoold.{entry['name']}"), {"item": self.item})
+        self._rate_sample: tuple[float, int] | None = None
+
+    def template_values(self) -> dict[str, Any]:
+        name = self.item
+        stem, dot, ext = name.rpartition(".")
+        values: dict[str, Any] = {
+            "name": name, "stem": stem if dot else name, "ext": ext if dot else "", "queue": self.queue,
+            "host": self._env.config.host, "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            "original_name": self._env.sidecar.doc["original_name"], "item": name, "item_dir": str(self.item_dir),
+            "path": str(self.payload[0]) if self.payload else str(self.item_dir),
+        }  # fmt: skip
+        if len(self.digests) == 1:
+            values.update(next(iter(self.digests.values())))
+        values.update(self.fields)
+        return values
+
+    def render(self, template: str) -> str:
+        return render(template, self.template_values())
+
+    def progress(self, done: int, total: int, **extra: Any) -> None:
+        now = time.monotonic()
+        progress: dict[str, Any] = {"bytes_done": done, "bytes_total": total, **extra}
+        if self._rate_sample is None:
+            self._rate_sample = (now, done)
+        elif now - self._rate_sample[0] >= RATE_SAMPLE_SECONDS:
+            rate = (done - self._rate_sample[1]) / (now - self._rate_sample[0])
+            self._rate_sample = (now, done)
+            progress["rate_bps"] = round(rate)
+            progress["eta_s"] = round((total - done) / rate, 1) if rate > 0 and total >= done else None
+        # Progress means a wait is over (e.g. a download resumed after free space came back).
+        if self._env.sidecar.set_progress(self._index, progress):
+            self._env.report_state("running")
+
+    def waiting(self, message: str, next_check_in_seconds: float) -> None:
+        if self._env.sidecar.set_waiting(self._index, message, time.time() + next_check_in_seconds):
+            self._env.report_state("waiting")
+
+    def sleep(self, seconds: float) -> None:
+        if self._env.stop_event.wait(max(seconds, 0.0)):
+            raise Interrupted("the daemon is stopping")
+
+    def check_stop(self) -> None:
+        if self._env.stop_event.is_set():
+            raise Interrupted("the daemon is stopping")
+
+    def transport(self, url: str, settings: Mapping[str, Any]) -> Any:
+        return self._env.transports.get(url, settings)
+
+    def hand_over(self, queue: str, paths: list[Path], fields: Mapping[str, Any], name: str | None = None) -> str:
+        return self._env.hand_over(self, queue, paths, fields, name)
+
+    def free_bytes(self) -> int:
+        return self._env.free_bytes()

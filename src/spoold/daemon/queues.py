@@ -1,0 +1,282 @@
+"""One queue's bookkeeping: which items it tracks, which run, which wait for a retry, how many in each state.
+
+`QueueBook` alone changes these; the main loop calls it, from its one thread.
+Work on files (claiming, recovery, arrivals) happens in the modules that own it,
+which return what they found for the book to record. Each item runs in a worker
+thread of its own, so a new `concurrency` applies at the next dispatch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from spoold.daemon import arriving, claiming, recovery
+from spoold.daemon.arriving import ArrivingItem
+from spoold.daemon.config import Config, Queue
+from spoold.daemon.intake import Arrival, Intake
+from spoold.daemon.layout import QueueFolders
+from spoold.daemon.messages import Outcome
+from spoold.daemon.sidecar import ACTIVE_STATES, Sidecar
+from spoold.fsio import now_iso
+
+log = logging.getLogger("spoold")
+
+StartWorker = Callable[["QueueBook", Sidecar, ArrivingItem | None], threading.Thread]
+
+
+class QueueBook:
+    def __init__(self, config: Config, queue: Queue, folders: QueueFolders) -> None:
+        self.config = config
+        self.queue = queue
+        self.folders = folders
+        self.intake = Intake(queue, folders.inbox)
+        # Set when the daemon stops or the queue leaves the config: running steps checkpoint and end.
+        self.stop_event = threading.Event()
+        self.is_closed = False
+        self.pending: deque[str] = deque()
+        self.running: dict[str, threading.Thread] = {}
+        self.retry_at: dict[str, float] = {}
+        self.sidecars: dict[str, Sidecar] = {}
+        # Provisional items whose bundle is still being written into the inbox, by item name.
+        self.arriving: dict[str, ArrivingItem] = {}
+        self.states: dict[str, str] = {}
+        self._counts: dict[str, int] = {}
+        self.last_error: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.queue.name
+
+    # ---- recording -----------------------------------------------------------------------------------------
+
+    def set_state(self, item: str, state: str) -> None:
+        self._uncount(self.states.get(item))
+        self.states[item] = state
+        self._counts[state] = self._counts.get(state, 0) + 1
+
+    def forget(self, item: str) -> None:
+        self._uncount(self.states.pop(item, None))
+        self.sidecars.pop(item, None)
+        self.retry_at.pop(item, None)
+
+    def track(self, sidecar: Sidecar) -> None:
+        """Record an item found or made on disk, and schedule it if it has work left."""
+        name = sidecar.name
+        self.set_state(name, sidecar.state)
+        if sidecar.state not in ACTIVE_STATES:
+            self.sidecars.pop(name, None)
+            if sidecar.state == "failed":
+                self._note_error(sidecar)
+            return
+        if name in self.running or self.is_closed:
+            return
+        self.sidecars[name] = sidecar
+        if sidecar.state == "retrying":
+            at = sidecar.next_attempt_at() or time.time()
+            self.retry_at[name] = time.monotonic() + max(0.0, at - time.time())
+        elif name not in self.pending:
+            self.pending.append(name)
+
+    def track_found(self, found: list[recovery.Found]) -> None:
+        for item in found:
+            if item.arriving is not None:
+                self._track_arriving(item.sidecar, item.arriving)
+            else:
+                self.track(item.sidecar)
+
+    def adopt(self, item: str) -> None:
+        """A worker made a new item in work/ (a hand-over): load and schedule it."""
+        if item in self.sidecars or item in self.running:
+            return
+        sidecar = Sidecar.load(self.folders.sidecar_path(item))
+        if sidecar is not None:
+            self.track(sidecar)
+
+    def _note_error(self, sidecar: Sidecar) -> None:
+        self.last_error = {"queue": self.name, "item": sidecar.name, **(sidecar.error or {}), "at": now_iso()}
+
+    # ---- intake --------------------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        self.track_found(recovery.recover(self.config, self.queue, self.folders, self.stop_event, self.running))
+
+    def rescan(self, now: float) -> None:
+        """The periodic look at everything: vanished arrivals, the inbox, work/ behind our back, retention."""
+        self.check_still_there()
+        self.intake.scan(now)
+        self.pick_up()
+
+    def pick_up(self) -> None:
+        known = set(self.sidecars) | set(self.running)
+        for sidecar in recovery.pick_up(self.config, self.queue, self.folders, known):
+            self.track(sidecar)
+
+    def take_arrivals(self, now: float) -> None:
+        for arrival in self.intake.due(now):
+            try:
+                self.on_arrival(arrival)
+            except OSError as exc:
+                # The entry stays in the inbox; the next scan tries it again.
+                log.error("%s/%s: cannot claim: %s", self.name, arrival.entry, exc)
+
+    def on_arrival(self, arrival: Arrival) -> None:
+        """Act on what intake reports: a folder to start early, the marker of one arriving, or a complete entry."""
+        if arrival.is_early:
+            started = arriving.start(self.config, self.queue, self.folders, arrival.entry, self.stop_event)
+            if started is not None:
+                self._track_arriving(*started)
+            return
+        # An abandoned item's folder was replaced: the marker belongs to the new folder, a new item.
+        early = next((a for a in self.arriving.values() if a.entry == arrival.entry and not a.is_abandoned), None)
+        if early is not None:
+            self._complete(early)
+            return
+        sidecar = claiming.claim(self.config, self.queue, self.folders, arrival)
+        if sidecar is not None:
+            self.track(sidecar)
+
+    def on_event(self, parts: tuple[str, ...], is_landed: bool, now: float) -> None:
+        """An inbox event at `parts` (relative to the inbox)."""
+        self.intake.notice(self.folders.inbox.joinpath(*parts), now)
+        for item in self.arriving.values():
+            if len(parts) > 1 and item.entry == parts[0]:
+                item.touched("/".join(parts[1:]), is_landed)
+
+    # ---- bundles still arriving ------------------------------------------------------------------------------
+
+    def _track_arriving(self, sidecar: Sidecar, item: ArrivingItem) -> None:
+        self.arriving[sidecar.name] = item
+        self.intake.receiving.add(item.entry)
+        self.track(sidecar)
+
+    def _complete(self, item: ArrivingItem) -> None:
+        """The ready marker arrived: move the folder into the item; settle it here unless a worker holds it."""
+        fields, rejection = arriving.read_marker(self.folders, item.entry)
+        if not arriving.move_in(self.folders, item):
+            self._abandon(item)
+            return
+        del self.arriving[item.item]
+        self.intake.receiving.discard(item.entry)
+        item.complete(fields, rejection)
+        if item.item in self.running:
+            return  # its runner settles the sidecar
+        sidecar = self.sidecars[item.item]
+        arriving.settle(self.folders, sidecar, item.entry, fields)
+        item.close()
+        if rejection:
+            claiming.reject(self.folders, sidecar, rejection)
+            self.track(sidecar)
+
+    def check_still_there(self) -> None:
+        """Drop provisional items whose folder left the inbox (or was replaced) without a marker."""
+        for item in list(self.arriving.values()):
+            if arriving.is_still_there(self.folders, item) is False:
+                self._abandon(item)
+
+    def _abandon(self, item: ArrivingItem) -> None:
+        item.abandon()
+        if item.item not in self.running:
+            self._discard(item)
+
+    def _discard(self, item: ArrivingItem) -> None:
+        """Remove every trace of a provisional item (the running step, if any, has ended)."""
+        item.close()
+        self.arriving.pop(item.item, None)
+        self.intake.receiving.discard(item.entry)
+        self.forget(item.item)
+        if item.item in self.pending:
+            self.pending.remove(item.item)
+        arriving.drop_files(self.folders, item.item)
+
+    # ---- running -------------------------------------------------------------------------------------------
+
+    def release_due_retries(self, now: float) -> None:
+        for item, at in list(self.retry_at.items()):
+            if at <= now:
+                del self.retry_at[item]
+                self.pending.append(item)
+
+    def dispatch(self, start_worker: StartWorker) -> None:
+        while self.pending and len(self.running) < self.queue.spec.concurrency and not self.is_closed:
+            name = self.pending.popleft()
+            sidecar = self.sidecars.get(name)
+            if sidecar is None or name in self.running:
+                continue
+            self.running[name] = start_worker(self, sidecar, self.arriving.get(name))
+
+    def finished(self, item: str, outcome: Outcome) -> None:
+        """A worker is done with `item` for now: record the outcome and move the item where it belongs."""
+        self.running.pop(item, None)
+        early = self.arriving.get(item)
+        if early is not None and early.is_abandoned:
+            self._discard(early)
+            return
+        sidecar = self.sidecars.get(item)
+        if sidecar is None:
+            return
+        self.set_state(item, sidecar.state)
+        if outcome.verdict == "retry" and outcome.retry_at is not None and not self.is_closed:
+            self.retry_at[item] = time.monotonic() + max(0.0, outcome.retry_at - time.time())
+            return
+        if outcome.verdict in ("done", "failed"):
+            self.sidecars.pop(item, None)
+            if outcome.verdict == "failed":
+                self.set_state(item, "failed")
+                self._note_error(sidecar)
+            else:
+                log.info("%s/%s: done", self.name, item)
+            # Last: if the move fails (say failed/ cannot be written), the sidecar already tells the truth
+            # and the next rescan moves the item.
+            recovery.settle_finished(self.queue, self.folders, sidecar, outcome.verdict)
+        elif self.is_closed:
+            self.forget(item)  # interrupted or retrying: its sidecar resumes it when the queue comes back
+        elif outcome.verdict == "interrupted" and not self.stop_event.is_set():
+            self.pending.append(item)  # stopped by a removal of the queue that a reload has undone
+
+    # ---- counts and time -----------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        return {state: n for state, n in self._counts.items() if n}
+
+    def _uncount(self, state: str | None) -> None:
+        if state is not None:
+            self._counts[state] -= 1
+
+    def next_deadline(self, is_intake_paused: bool) -> float | None:
+        deadlines = list(self.retry_at.values())
+        # While intake is paused, due arrivals wait for the disk check, not for a spinning loop.
+        if not is_intake_paused and (deadline := self.intake.next_deadline()) is not None:
+            deadlines.append(deadline)
+        return min(deadlines, default=None)
+
+    # ---- config changes ------------------------------------------------------------------------------------
+
+    def reconfigure(self, config: Config, queue: Queue) -> None:
+        self.config = config
+        self.queue = queue
+        self.intake.reconfigure(queue)
+        if self.is_closed:
+            # Back in the config before its last items stopped: serve it again.
+            self.is_closed = False
+            self.stop_event = threading.Event()
+            self.recover()
+
+    def stop(self) -> None:
+        """Running steps checkpoint and end (the daemon is stopping)."""
+        self.stop_event.set()
+        for item in self.arriving.values():
+            item.wake()
+
+    def close(self) -> None:
+        """The queue left the config: stop taking work; running steps checkpoint; everything stays on disk."""
+        self.is_closed = True
+        self.stop()
+        self.pending.clear()
+        self.retry_at.clear()
+        for item in [n for n in self.states if n not in self.running]:
+            self.forget(item)

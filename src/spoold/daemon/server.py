@@ -1,0 +1,352 @@
+"""The daemon's lifecycle: start up, the main loop, shut down; signals, timers, disk, health, reload.
+
+One thread decides everything: signal handlers, the inbox watcher and workers
+only post `messages` to it. Each message and each timer runs behind a wall:
+an exception is logged with its queue and item and the loop goes on, so no
+single item, folder or bug can end the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import queue as queue_module
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from spoold.daemon.arriving import ArrivingItem
+from spoold.daemon.config import Config, Queue, load_config
+from spoold.daemon.health import NodeStatus, write_health
+from spoold.daemon.layout import SpoolLayout
+from spoold.daemon.messages import (
+    EventsLost,
+    ItemAdopted,
+    ItemFinished,
+    Message,
+    PathEvent,
+    SignalReceived,
+    StateChanged,
+)
+from spoold.daemon.queues import QueueBook
+from spoold.daemon.retention import prune
+from spoold.daemon.runner import ItemRunner
+from spoold.daemon.sidecar import Sidecar
+from spoold.daemon.systemd import Notifier
+from spoold.daemon.watcher import InboxWatcher
+from spoold.errors import ConfigError
+from spoold.fsio import now_iso
+from spoold.transports import TransportPool
+
+log = logging.getLogger("spoold")
+
+HEALTH_INTERVAL_SECONDS = 5.0
+DISK_CHECK_INTERVAL_SECONDS = 5.0
+WATCHDOG_FALLBACK_SECONDS = 30.0
+EXIT_OK = 0
+EXIT_FORCED = 1
+
+
+class Server:
+    def __init__(self, config: Config, config_path: Path | None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.layout = SpoolLayout(config.spool, config.queues, config.group)
+        self.messages: queue_module.SimpleQueue[Message] = queue_module.SimpleQueue()
+        self.is_stopping = False
+        self.transports = TransportPool()
+        self.notifier = Notifier()
+        self.watcher = InboxWatcher(lambda path, is_landed: self.messages.put(PathEvent(path, is_landed)),
+                                    lambda: self.messages.put(EventsLost()))  # fmt: skip
+        self.books: dict[str, QueueBook] = {}
+        # Queues removed from the config whose items still run; they finish or checkpoint, then go.
+        self.retiring: dict[str, QueueBook] = {}
+        self.started = now_iso()
+        self.is_ready = False
+        self.is_intake_paused = False
+        self.free_bytes = 0
+        self._term_count = 0
+        self._next = {"health": 0.0, "disk": 0.0, "rescan": 0.0, "watchdog": 0.0}
+
+    def run(self) -> int:
+        """Run until stopped; return the exit code."""
+        self.start_up()
+        try:
+            return self.main_loop()
+        finally:
+            self.shut_down()
+
+    # ---- start up ----------------------------------------------------------------------------------------------
+
+    def start_up(self) -> None:
+        self.layout.ensure()
+        self._check_disk()
+        for name, queue in self.config.queues.items():
+            self._add_book(name, queue)
+        for book in self.books.values():
+            self._guarded(f"recovering queue {book.name}", book.recover)
+        self.watcher.start()
+        now = time.monotonic()
+        for book in self.books.values():
+            book.intake.scan(now)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, lambda number, _frame: self.messages.put(SignalReceived(number)))
+        self.is_ready = True
+        self._tick(time.monotonic())
+        self.notifier.ready()
+        log.info("spoold started: spool %s, queues %s, config %s", self.config.spool.resolve(),
+                 ", ".join(self.books), self.config.source)  # fmt: skip
+
+    def _add_book(self, name: str, queue: Queue) -> QueueBook:
+        book = QueueBook(self.config, queue, self.layout.queues[name])
+        self.books[name] = book
+        self._watch(book)
+        return book
+
+    def _watch(self, book: QueueBook) -> None:
+        spec = book.queue.spec
+        # Settling watches inside bundles; so does a first step that reads frames while they land.
+        recursive = spec.items == "bundles" and (spec.ready == "settle" or book.queue.starts_early)
+        self.watcher.watch(book.folders.inbox, recursive=recursive)
+
+    # ---- main loop ---------------------------------------------------------------------------------------------
+
+    def main_loop(self) -> int:
+        while True:
+            timeout = max(0.0, self._next_wakeup() - time.monotonic())
+            try:
+                message: Message | None = self.messages.get(timeout=timeout)
+            except queue_module.Empty:
+                message = None
+            while message is not None:
+                if self._handle(message):
+                    return EXIT_FORCED
+                try:
+                    message = self.messages.get_nowait()
+                except queue_module.Empty:
+                    message = None
+            self._tick(time.monotonic())
+            if self.is_stopping and not any(b.running for b in self._all_books()):
+                return EXIT_OK
+
+    def _handle(self, message: Message) -> bool:
+        """Act on one message behind the wall; True when the daemon must stop at once."""
+        try:
+            return self._act(message)
+        except Exception as exc:  # noqa: BLE001 - the wall: one message's trouble never ends the daemon
+            self._log_failure(f"handling {_describe(message)}", exc)
+            return False
+
+    def _act(self, message: Message) -> bool:
+        match message:
+            case PathEvent(path, is_landed):
+                now = time.monotonic()
+                for book in self.books.values():
+                    if path.is_relative_to(book.folders.inbox) and path != book.folders.inbox:
+                        book.on_event(path.relative_to(book.folders.inbox).parts, is_landed, now)
+            case EventsLost():
+                log.warning("inotify events were lost; rescanning every inbox")
+                self._next["rescan"] = 0.0
+            case StateChanged(queue, item, state):
+                holder = self._book(queue)
+                if holder is not None and item in holder.running:
+                    holder.set_state(item, state)
+            case ItemFinished(queue, item, outcome):
+                holder = self._book(queue)
+                if holder is not None:
+                    holder.finished(item, outcome)
+                    self._retire_if_idle(holder)
+            case ItemAdopted(queue, item):
+                if (target := self.books.get(queue)) is not None:
+                    target.adopt(item)
+            case SignalReceived(signum):
+                return self._on_signal(signum)
+        return False
+
+    def _on_signal(self, signum: int) -> bool:
+        if signum == signal.SIGHUP:
+            self.reload()
+            return False
+        if signum == signal.SIGUSR1:
+            # `spoold retry` moved items back into work/.
+            for book in self.books.values():
+                self._guarded(f"picking up items of queue {book.name}", book.pick_up)
+            return False
+        self._term_count += 1
+        if self._term_count > 1:
+            log.warning("second stop request: stopping now")
+            return True
+        log.info("stopping: checkpointing running steps")
+        self.notifier.stopping()
+        self.is_stopping = True
+        for book in self._all_books():
+            book.stop()
+        return False
+
+    def _next_wakeup(self) -> float:
+        deadlines = list(self._next.values())
+        if not self.is_stopping:
+            for book in self.books.values():
+                if (deadline := book.next_deadline(self.is_intake_paused)) is not None:
+                    deadlines.append(deadline)
+        return min(deadlines)
+
+    def _tick(self, now: float) -> None:
+        if now >= self._next["disk"]:
+            self._next["disk"] = now + DISK_CHECK_INTERVAL_SECONDS
+            self._guarded("checking free space", self._check_disk)
+        if now >= self._next["rescan"]:
+            self._next["rescan"] = now + self.config.rescan_seconds
+            self._guarded("checking the spool's folders", self.layout.ensure)
+            for book in self.books.values():
+                self._guarded(f"rescanning queue {book.name}", functools.partial(book.rescan, now))
+                self._guarded(f"pruning queue {book.name}", functools.partial(prune, book.queue, book.folders,
+                                                                              book.forget))  # fmt: skip
+        if not self.is_stopping:
+            for book in self.books.values():
+                self._guarded(f"scheduling queue {book.name}", functools.partial(self._schedule, book, now))
+        if now >= self._next["watchdog"]:
+            self.notifier.watchdog()
+            self._next["watchdog"] = now + (self.notifier.watchdog_interval_seconds or WATCHDOG_FALLBACK_SECONDS)
+        if now >= self._next["health"]:
+            self._next["health"] = now + HEALTH_INTERVAL_SECONDS
+            self._write_health()
+        else:
+            self.notifier.status(self.node_status().status_line())
+
+    def _schedule(self, book: QueueBook, now: float) -> None:
+        if not self.is_intake_paused:
+            book.take_arrivals(now)
+        book.release_due_retries(now)
+        book.dispatch(self._start_worker)
+
+    def _start_worker(self, book: QueueBook, sidecar: Sidecar, arriving: ArrivingItem | None) -> threading.Thread:
+        runner = ItemRunner(self.config, self.layout, book.queue, sidecar, transports=self.transports,
+                            stop_event=book.stop_event, post=self.messages.put, arriving=arriving)  # fmt: skip
+        thread = threading.Thread(target=runner.run_and_report, name=f"{book.name}/{sidecar.name}")
+        thread.start()
+        return thread
+
+    def _guarded(self, what: str, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - the wall around one timer's work
+            self._log_failure(what, exc)
+
+    @staticmethod
+    def _log_failure(what: str, exc: Exception) -> None:
+        if isinstance(exc, OSError):
+            # The environment (a folder gone, a full disk): one line says it; a traceback would not help.
+            log.error("%s failed: %s", what, exc)
+        else:
+            log.exception("internal error while %s; carrying on", what)
+
+    # ---- books -------------------------------------------------------------------------------------------------
+
+    def _all_books(self) -> list[QueueBook]:
+        return [*self.books.values(), *self.retiring.values()]
+
+    def _book(self, name: str) -> QueueBook | None:
+        return self.books.get(name) or self.retiring.get(name)
+
+    def _retire_if_idle(self, book: QueueBook) -> None:
+        if book.is_closed and not book.running and self.retiring.get(book.name) is book:
+            del self.retiring[book.name]
+            log.info("queue %s: its last running item has stopped", book.name)
+
+    # ---- disk and health ---------------------------------------------------------------------------------------
+
+    def _check_disk(self) -> None:
+        self.free_bytes = self.layout.free_bytes()
+        should_pause = self.free_bytes < self.config.min_free_bytes
+        if should_pause != self.is_intake_paused:
+            self.is_intake_paused = should_pause
+            if should_pause:
+                log.warning("free space %d bytes is below min_free %d: intake paused", self.free_bytes,
+                            self.config.min_free_bytes)  # fmt: skip
+            else:
+                log.info("free space is back above min_free: intake resumed")
+            self._next["health"] = 0.0
+
+    def node_status(self) -> NodeStatus:
+        errors = [b.last_error for b in self.books.values() if b.last_error]
+        last_error = max(errors, key=lambda e: str(e.get("at", "")), default=None)
+        return NodeStatus(self.started, {n: b.counts() for n, b in self.books.items()}, self.free_bytes,
+                          self.config.min_free_bytes, self.is_intake_paused, self.is_ready, last_error,
+                          self.config.spool)  # fmt: skip
+
+    def _write_health(self) -> None:
+        status = self.node_status()
+        try:
+            write_health(status, self.layout.health_path, self.layout.metrics_path)
+        except OSError as exc:
+            log.error("cannot write health.json: %s", exc)
+        self.notifier.status(status.status_line())
+
+    # ---- reload and shut down ----------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+            if new.spool.resolve() != self.config.spool.resolve():
+                raise ConfigError("the spool folder cannot change on reload; restart spoold", file=new.source)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc.describe())
+            self.notifier.ready()
+            return
+        self.config = new
+        self.layout = SpoolLayout(new.spool, new.queues, new.group)
+        for name, book in [*self.books.items(), *self.retiring.items()]:
+            if name in new.queues:
+                self.layout.queues[name] = book.folders  # one folder object per queue: its claim lock
+        self._guarded("creating the spool's folders", self.layout.ensure)
+        now = time.monotonic()
+        for name, queue in new.queues.items():
+            if name in self.books:
+                self.books[name].reconfigure(new, queue)
+            elif name in self.retiring:
+                book = self.books[name] = self.retiring.pop(name)
+                self._watch(book)
+                self._guarded(f"reopening queue {name}", functools.partial(book.reconfigure, new, queue))
+            else:
+                book = self._add_book(name, queue)
+                self._guarded(f"recovering queue {name}", book.recover)
+                book.intake.scan(now)
+        for name in [n for n in self.books if n not in new.queues]:
+            log.warning("queue %s was removed from the config; its items stay on disk", name)
+            book = self.books.pop(name)
+            book.close()
+            self.watcher.unwatch(book.folders.inbox)
+            if book.running:
+                self.retiring[name] = book
+        log.info("config reloaded from %s", new.source)
+        self.notifier.ready()
+
+    def shut_down(self) -> None:
+        self.is_stopping = True
+        for book in self._all_books():
+            book.stop()
+        with contextlib.suppress(Exception):
+            self.watcher.stop()
+        if self._term_count <= 1:
+            for book in self._all_books():
+                for thread in list(book.running.values()):
+                    thread.join()
+        self.transports.close()
+        self.is_ready = False
+        self._write_health()
+        self.notifier.close()
+        log.info("spoold stopped")
+
+
+def _describe(message: Message) -> str:
+    match message:
+        case StateChanged(queue, item, _) | ItemFinished(queue, item, _) | ItemAdopted(queue, item):
+            return f"{type(message).__name__} of {queue}/{item}"
+        case PathEvent(path, _):
+            return f"an event at {path}"
+    return type(message).__name__
