@@ -18,7 +18,7 @@ HEALTH_SCHEMA = "spoold.health/1"
 
 @dataclasses.dataclass
 class NodeStatus:
-    """What the scheduler knows right now, rendered three ways."""
+    """What the main loop knows right now, rendered three ways."""
 
     started: str
     counts: dict[str, dict[str, int]]

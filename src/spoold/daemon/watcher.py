@@ -1,6 +1,6 @@
 """Inbox watching with watchdog's inotify backend.
 
-Callbacks only enqueue a path; every decision happens in the scheduler. Only
+Callbacks only enqueue a path; every decision happens in the main loop (`server`). Only
 close-after-write and move events are subscribed to: with watchdog's default
 mask the kernel queue overflowed (16,384 events) from about 50k files/s.
 """

@@ -2,7 +2,7 @@
 
 `ship`, `wait` and `pull` speak only to this interface; the transports map
 their libraries' errors onto `TransientError` / `PermanentError` here, at the
-boundary, so the scheduler's retry policy never sees paramiko or botocore.
+boundary, so the retry policy (`daemon.retries`) never sees paramiko or botocore.
 """
 
 from __future__ import annotations
