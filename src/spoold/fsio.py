@@ -7,15 +7,29 @@ file and a crash never loses the last state written.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
-import threading
+import secrets
+import shutil
+import stat
+import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 FILE_MODE = 0o640
+# Temp files are named by the writer, never by the target: a 250-byte item name still leaves a short,
+# unique temp name, and O_EXCL | O_NOFOLLOW never writes through something planted at that name.
+TEMP_SUFFIX = ".tmp"
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class UnsafeFile(ValueError):
+    """Raised when a file to be read is not a regular file or is larger than its bound."""
 
 
 def now_iso(ts: float | None = None) -> str:
@@ -34,18 +48,24 @@ def parse_iso(text: str | None) -> float | None:
 
 
 def write_bytes_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
-    """Replace `path` with `data` durably; readers see the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    """Replace `path` with `data` durably; readers see the old or the new file, never a mix.
+
+    On any error (a full disk, a read-only remount) the old file stays as it was and the temp file goes.
+    """
+    tmp = path.with_name(f".{secrets.token_hex(8)}{TEMP_SUFFIX}")
+    fd = os.open(tmp, _CREATE_FLAGS, mode)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
     fsync_dir(path.parent)
 
@@ -61,6 +81,65 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_small_file(path: Path, limit: int) -> bytes:
+    """The content of the regular file `path`, at most `limit` bytes.
+
+    Opened without following a symlink and without blocking (a FIFO or a device is refused, never read),
+    and read through the descriptor, so what is checked is what is read. Raises OSError or `UnsafeFile`.
+    """
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFile(f"{describe_type(info.st_mode)} is never read; only regular files are")
+        if info.st_size > limit:
+            raise UnsafeFile(f"is {info.st_size} bytes, more than the limit of {limit}")
+        chunks, size = [], 0
+        while size <= limit and (chunk := os.read(fd, min(1 << 20, limit + 1 - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise UnsafeFile(f"grew beyond the limit of {limit} bytes while being read")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def describe_type(mode: int) -> str:
+    """`a symlink`, `a FIFO`, ... for the file type in `mode`."""
+    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISREG, "a file")):  # fmt: skip
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def remove_tree(path: Path) -> None:
+    """Remove `path` (a folder tree or a file) without following links; missing is fine.
+
+    shutil.rmtree recurses, so a tree nested deeper than Python's recursion limit (a producer's
+    1,000-level folder) is handed to `rm`, which walks it without recursion.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+    except (RecursionError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENAMETOOLONG, errno.EMFILE, errno.ENOTEMPTY):
+            raise
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)  # fmt: skip
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

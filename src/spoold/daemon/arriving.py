@@ -23,11 +23,12 @@ import threading
 from typing import Any, Literal
 
 from spoold.daemon.claiming import create_sidecar
-from spoold.daemon.config import Config, Queue
+from spoold.daemon.config import Config, Limits, Queue
 from spoold.daemon.intake import READY_SUFFIX
-from spoold.daemon.items import read_json_object
+from spoold.daemon.items import fields_rejection, read_json_object
 from spoold.daemon.layout import QueueFolders
 from spoold.daemon.sidecar import Sidecar
+from spoold.daemon.trees import check_item
 from spoold.errors import Interrupted
 
 log = logging.getLogger("spoold")
@@ -125,10 +126,15 @@ def start(config: Config, queue: Queue, folders: QueueFolders, entry: str,
     return sidecar, ArrivingItem(entry, name, root_fd, stop_event)
 
 
-def read_marker(folders: QueueFolders, entry: str) -> tuple[dict[str, Any], str | None]:
+def read_marker(folders: QueueFolders, entry: str, limits: Limits) -> tuple[dict[str, Any], str | None]:
     """(fields, rejection) from the bundle's ready marker."""
-    fields, problem = read_json_object(folders.inbox / f"{entry}{READY_SUFFIX}")
-    return fields or {}, problem and f"ready marker {problem}"
+    fields, problem = read_json_object(folders.inbox / f"{entry}{READY_SUFFIX}", limits.marker_bytes)
+    return fields or {}, (problem and f"ready marker {problem}") or fields_rejection(fields or {})
+
+
+def moved_in_rejection(folders: QueueFolders, item: str, limits: Limits) -> str | None:
+    """The bundle is whole and in work/: what it holds is checked like any claimed bundle's."""
+    return check_item(folders.work / item / item, limits)
 
 
 def move_in(folders: QueueFolders, arriving: ArrivingItem) -> bool:
@@ -170,14 +176,15 @@ def drop_files(folders: QueueFolders, name: str) -> None:
 Resumed = tuple[Literal["settled"], str | None] | tuple[Literal["tracked"], ArrivingItem] | tuple[Literal["dropped"]]
 
 
-def resume(folders: QueueFolders, sidecar: Sidecar, stop_event: threading.Event) -> Resumed:
+def resume(folders: QueueFolders, sidecar: Sidecar, limits: Limits, stop_event: threading.Event) -> Resumed:
     """After a restart, an item that was still arriving is settled (with the marker's rejection, if any),
     tracked again, or dropped."""
     name = sidecar.name
     entry = str(sidecar.doc.get("original_name", name))
     if (folders.work / name / name).exists():
         # Renamed in before the crash; the marker (removed last) still holds the fields.
-        fields, rejection = read_marker(folders, entry)
+        fields, rejection = read_marker(folders, entry, limits)
+        rejection = rejection or moved_in_rejection(folders, name, limits)
         settle(folders, sidecar, entry, fields)
         return ("settled", rejection)
     try:

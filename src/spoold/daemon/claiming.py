@@ -16,9 +16,10 @@ from typing import Any
 
 from spoold.daemon.config import Config, Queue
 from spoold.daemon.intake import Arrival
-from spoold.daemon.items import fields_from_name, item_name_for, read_json_object
+from spoold.daemon.items import fields_from_name, fields_rejection, item_name_for, read_json_object
 from spoold.daemon.layout import HANDOFF_FILE, QueueFolders, read_handoff
 from spoold.daemon.sidecar import Sidecar
+from spoold.daemon.trees import check_item
 
 log = logging.getLogger("spoold")
 
@@ -40,12 +41,13 @@ def claim(config: Config, queue: Queue, folders: QueueFolders, arrival: Arrival)
     fields: dict[str, Any] = {}
     rejection = arrival.rejection
     kind = "file"
+    limits = queue.spec.limits
     if rejection is None and arrival.marker:
-        marker_fields, problem = read_json_object(folders.inbox / arrival.marker)
+        marker_fields, problem = read_json_object(folders.inbox / arrival.marker, limits.marker_bytes)
         fields, rejection = marker_fields or {}, problem and f"ready marker {problem}"
     if rejection is None and queue.spec.items == "requests" and arrival.marker is None:
         kind = "request"
-        request, problem = read_json_object(folders.inbox / arrival.entry)
+        request, problem = read_json_object(folders.inbox / arrival.entry, limits.request_bytes)
         fields, rejection = request or {}, problem
     if kind == "file" and _is_real_dir(folders.inbox / arrival.entry):
         kind = "bundle"
@@ -53,6 +55,10 @@ def claim(config: Config, queue: Queue, folders: QueueFolders, arrival: Arrival)
     if name is None:
         return None
     payload = [] if kind == "request" or arrival.rejection else [name]
+    if rejection is None:
+        rejection = fields_rejection({**fields_from_name(queue, arrival.entry), **fields})
+    if rejection is None and kind != "request":
+        rejection = check_item(folders.work / name / name, limits)
     sidecar = create_sidecar(config, queue, folders, name, original_name=arrival.entry, kind=kind, fields=fields,
                              payload=payload)  # fmt: skip
     if rejection is not None:
@@ -98,16 +104,23 @@ def adopt_orphan(config: Config, queue: Queue, folders: QueueFolders, item: str)
         os.rmdir(item_dir)
         return None
     if queue.spec.items == "requests" and (item_dir / entries[0]).is_file():
-        request, _ = read_json_object(item_dir / entries[0])
+        request, problem = read_json_object(item_dir / entries[0], queue.spec.limits.request_bytes)
         sidecar = create_sidecar(config, queue, folders, item, original_name=entries[0], kind="request",
                                  fields=request or {}, payload=[])  # fmt: skip
     else:
         marker = folders.inbox / f"{item}.ready"
-        fields, _ = read_json_object(marker) if marker.exists() else ({}, None)
+        fields, problem = (read_json_object(marker, queue.spec.limits.marker_bytes) if os.path.lexists(marker)
+                           else ({}, None))  # fmt: skip
+        problem = problem and f"ready marker {problem}"
         kind = "bundle" if (item_dir / item).is_dir() else "file"
         sidecar = create_sidecar(config, queue, folders, item, original_name=item, kind=kind, fields=fields or {},
                                  payload=[item])  # fmt: skip
-    sidecar.write()
+        problem = problem or check_item(item_dir / item, queue.spec.limits)
+    problem = problem or fields_rejection(sidecar.doc["fields"])
+    if problem:
+        reject(folders, sidecar, problem)
+    else:
+        sidecar.write()
     if queue.spec.items != "requests":
         with contextlib.suppress(FileNotFoundError):
             marker.unlink()

@@ -17,6 +17,7 @@ from spoold.errors import ConfigError
 from spoold.handlers import HANDLERS, handler_class
 from spoold.handlers.base import Handler
 from spoold.options import Builder, Bytes, Seconds, YamlPath
+from spoold.templates import shadowed_builtins
 
 DEFAULT_CONFIG_PATH = Path("/etc/spoold/spoold.yaml")
 DEFAULT_IGNORE = ["*.part", "*.tmp", "*~"]
@@ -74,6 +75,20 @@ class KeepPolicy:
 
 
 @dataclasses.dataclass(frozen=True)
+class Limits:
+    """Bounds on what one producer's item may hold (SPEC section 10); each gives a clear rejection."""
+
+    marker_bytes: Bytes = Bytes(1024**2)
+    request_bytes: Bytes = Bytes(1024**2)
+    depth: int = 32
+    files: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.files < 1:
+            raise ValueError("limits.depth and limits.files must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class QueueSpec:
     """The YAML shape of one queue; `chain` is validated step by step afterwards."""
 
@@ -86,6 +101,7 @@ class QueueSpec:
     retry: RetryPolicy = RetryPolicy()
     keep: KeepPolicy = KeepPolicy()
     ignore: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_IGNORE))
+    limits: Limits = Limits()
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 256:
@@ -172,6 +188,9 @@ def parse_config(text: str, file: str) -> Config:
         queue_spec = builder.build(QueueSpec, raw, path)
         steps = _build_chain(builder, queue_spec, (*path, "chain"), queue_names)
         pattern = re.compile(queue_spec.fields.pattern) if queue_spec.fields.pattern else None
+        if pattern is not None and (shadowed := shadowed_builtins(pattern.groupindex)):
+            raise builder.error((*path, "fields", "pattern"), f"group {', '.join(shadowed)} would shadow the "
+                                "built-in template value of the same name; rename the group")  # fmt: skip
         queues[name] = Queue(name, queue_spec, steps, pattern)
     return Config(
         source=file,

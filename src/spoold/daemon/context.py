@@ -22,7 +22,7 @@ from spoold.daemon.layout import QueueFolders
 from spoold.daemon.sidecar import Sidecar
 from spoold.errors import Interrupted
 from spoold.handlers.base import ArrivingBundle, Checkpoint, ItemKind
-from spoold.templates import render
+from spoold.templates import BUILTIN_NAMES, DIGEST_NAMES, is_url_template, render, render_url
 from spoold.transports import TransportPool
 
 RATE_SAMPLE_SECONDS = 0.5
@@ -76,21 +76,27 @@ class ItemContext:
         self._rate_sample: tuple[float, int] | None = None
 
     def template_values(self) -> dict[str, Any]:
+        """The item's fields, then the built-ins over them: a field can never replace `path`, `name`, ..."""
         name = self.item
         stem, dot, ext = name.rpartition(".")
-        values: dict[str, Any] = {
+        values: dict[str, Any] = {k: v for k, v in self.fields.items() if k not in BUILTIN_NAMES}
+        if len(self.digests) == 1:
+            digests = next(iter(self.digests.values()))
+            values.update({k: v for k, v in digests.items() if k in DIGEST_NAMES})
+        values.update({
             "name": name, "stem": stem if dot else name, "ext": ext if dot else "", "queue": self.queue,
             "host": self._env.config.host, "date": datetime.now(UTC).strftime("%Y-%m-%d"),
             "original_name": self._env.sidecar.doc["original_name"], "item": name, "item_dir": str(self.item_dir),
             "path": str(self.payload[0]) if self.payload else str(self.item_dir),
-        }  # fmt: skip
-        if len(self.digests) == 1:
-            values.update(next(iter(self.digests.values())))
-        values.update(self.fields)
+        })  # fmt: skip
         return values
 
     def render(self, template: str) -> str:
-        return render(template, self.template_values())
+        """A URL template (`scheme://...`) is rendered by `render_url`, anything else by `render`."""
+        values = self.template_values()
+        if is_url_template(template):
+            return render_url(template, values)
+        return render(template, values)
 
     def progress(self, done: int, total: int, **extra: Any) -> None:
         now = time.monotonic()

@@ -88,10 +88,7 @@ def write_health(status: NodeStatus, health_path: Path, metrics_path: Path) -> N
     text = redact(json.dumps(status.health_document(), indent=2, ensure_ascii=False, default=str))
     write_bytes_atomic(health_path, text.encode() + b"\n", mode=0o644)
     # The textfile collector reads *.prom whole; write it by rename too.
-    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
-    tmp.write_text(status.metrics_text(), encoding="utf-8")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, metrics_path)
+    write_bytes_atomic(metrics_path, status.metrics_text().encode(), mode=0o644)
 
 
 def _gib(n: int) -> str:

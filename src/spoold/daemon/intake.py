@@ -18,7 +18,9 @@ import os
 import stat
 from pathlib import Path
 
-from spoold.daemon.config import Queue
+from spoold.daemon.config import Limits, Queue
+from spoold.daemon.trees import Rejected, tree_signature
+from spoold.fsio import describe_type
 
 READY_SUFFIX = ".ready"
 Signature = tuple[int, int, int]
@@ -94,7 +96,7 @@ class Intake:
             info = os.lstat(self.inbox / name)
             if stat.S_ISREG(info.st_mode):
                 # Recorded now, so an untouched file is claimed one settle period after its event.
-                signature = _signature(self.inbox / name, info)
+                signature = (1, info.st_size, info.st_mtime_ns)
             elif stat.S_ISDIR(info.st_mode) and self.queue.starts_early:
                 delay = 0.0
         except FileNotFoundError:
@@ -124,7 +126,7 @@ class Intake:
             return None
         has_marker = os.path.lexists(self.inbox / marker)
         if stat.S_ISLNK(info.st_mode) or not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
-            return Arrival(name, rejection=f"{_type_name(info.st_mode)} is never followed or read; only regular "
+            return Arrival(name, rejection=f"{describe_type(info.st_mode)} is never followed or read; only regular "
                                            "files and folders are accepted")
         items = self.queue.spec.items
         if stat.S_ISDIR(info.st_mode):
@@ -144,7 +146,10 @@ class Intake:
             return Arrival(name, marker=marker)
         elif items == "requests" and not name.endswith(".json"):
             return Arrival(name, rejection="a queue of requests (items: requests) takes only .json request files")
-        signature = _signature(path, info)
+        try:
+            signature = _signature(path, info, self.queue.spec.limits)
+        except Rejected as exc:
+            return Arrival(name, rejection=str(exc))
         if signature != candidate.signature:
             candidate.signature = signature
             candidate.deadline = now + self.settle_seconds
@@ -152,29 +157,9 @@ class Intake:
         return Arrival(name)
 
 
-def _signature(path: Path, info: os.stat_result) -> Signature:
+def _signature(path: Path, info: os.stat_result, limits: Limits) -> Signature:
     if not stat.S_ISDIR(info.st_mode):
         return (1, info.st_size, info.st_mtime_ns)
-    count, total, newest = 0, 0, info.st_mtime_ns
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            try:
-                entry = os.lstat(os.path.join(root, name))
-            except FileNotFoundError:
-                continue
-            count += 1
-            total += entry.st_size
-            newest = max(newest, entry.st_mtime_ns)
-    return (count, total, newest)
+    return tree_signature(path, limits)
 
 
-def _type_name(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symlink"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "a special file"

@@ -16,20 +16,30 @@ becomes `foo.1.mp4`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
+import hashlib
 import json
 import os
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from spoold.fsio import fsync_dir, write_json_atomic
+from spoold.fsio import TEMP_SUFFIX, fsync_dir, remove_tree, write_json_atomic
 
-DIR_MODE = 0o2770
+# Only inbox/ is writable by the spool's group (producers drop there); everything else is the daemon's.
+INBOX_MODE = 0o2770
+DIR_MODE = 0o2750
+# An item's own folder: nobody but the daemon reaches into a claimed item by path.
+ITEM_DIR_MODE = 0o700
 SUBDIRS = ("inbox", "work", "done", "failed", "status")
+# A derived name must leave room for `.json`, a collision suffix `.99999` and a `.part`/`.tmp` within 255 bytes.
+MAX_ITEM_BYTES = 240
+_EXT_KEPT_BYTES = 16
 HANDOFF_FILE = ".handoff.json"
 HANDOFF_PREFIX = ".handoff-"
 
@@ -40,6 +50,32 @@ def split_name(name: str) -> tuple[str, str]:
     if not dot or not stem:
         return name, ""
     return stem, "." + ext
+
+
+def fit_name(name: str) -> str:
+    """`name`, or when it is longer than MAX_ITEM_BYTES, a shortened form that is still unique to it.
+
+    The stem is cut (on a character boundary) and a hash of the whole name added: `long...~3f9a1c2e.mp4`.
+    Names are counted in the bytes the kernel sees (non-UTF-8 names are surrogate-escaped str).
+    """
+    raw = os.fsencode(name)
+    if len(raw) <= MAX_ITEM_BYTES:
+        return name
+    stem, ext = split_name(name)
+    if len(os.fsencode(ext)) > _EXT_KEPT_BYTES:
+        stem, ext = name, ""
+    tag = "~" + hashlib.sha256(raw).hexdigest()[:8]
+    room = MAX_ITEM_BYTES - len(os.fsencode(ext)) - len(tag)
+    cut = os.fsencode(stem)[:room]
+    while cut:
+        try:
+            short = os.fsdecode(cut)
+            if len(os.fsencode(short)) <= room:
+                break
+        except UnicodeError:
+            pass
+        cut = cut[:-1]
+    return f"{os.fsdecode(cut)}{tag}{ext}"
 
 
 class QueueFolders:
@@ -69,6 +105,7 @@ class QueueFolders:
 
     def free_name(self, wanted: str) -> str:
         """`wanted`, or `foo.1.mp4`, `foo.2.mp4`, ... whichever is not in use; call with `lock` held."""
+        wanted = fit_name(wanted)
         stem, ext = split_name(wanted)
         for n in range(0, 100_000):
             name = wanted if n == 0 else f"{stem}.{n}{ext}"
@@ -80,7 +117,7 @@ class QueueFolders:
         """Create `work/<name>/` for the first free name derived from `wanted`; return the name."""
         with self.lock:
             name = self.free_name(wanted)
-            os.mkdir(self.work / name, DIR_MODE)
+            os.mkdir(self.work / name, ITEM_DIR_MODE)
         return name
 
     def claim(self, entry: str, item: str | None = None, *, keep_entry_name: bool = False) -> str | None:
@@ -102,15 +139,12 @@ class QueueFolders:
         if not source.exists():
             return
         target = getattr(self, where) / item
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
+        remove_tree(target)
         os.rename(source, target)
 
     def remove_item_data(self, item: str) -> None:
         for folder in (self.work, self.done, self.failed):
-            path = folder / item
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
+            remove_tree(folder / item)
 
     def hand_over(self, paths: Iterable[tuple[Path, str]], name: str, record: Mapping[str, Any]) -> str:
         """Make a new item from `paths` (source, relative name) with the handoff `record`.
@@ -120,7 +154,7 @@ class QueueFolders:
         written, so a crash at any point leaves either nothing or a whole item.
         """
         stage = self.work / f"{HANDOFF_PREFIX}{uuid.uuid4().hex}"
-        os.mkdir(stage, DIR_MODE)
+        os.mkdir(stage, ITEM_DIR_MODE)
         try:
             for source, relative in paths:
                 link_or_copy(source, stage / relative)
@@ -129,7 +163,8 @@ class QueueFolders:
                 final = self.free_name(name)
                 os.rename(stage, self.work / final)
         except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_tree(stage)
             raise
         fsync_dir(self.work)
         return final
@@ -176,23 +211,53 @@ class SpoolLayout:
         return self.root / "metrics.prom"
 
     def ensure(self) -> None:
-        """Create missing folders (mode 2770, in the configured group) so producers in that group can write."""
+        """Create missing folders and give existing ones their modes (SPEC section 2).
+
+        `inbox/` is 2770 in the configured group so producers in it can drop; the root and every other
+        folder 2750, so producers can read sidecars and health but never change the daemon's state. A
+        spool made by an older version (every folder 2770) is tightened here.
+        """
         gid = grp.getgrnam(self.group).gr_gid if self.group else -1
-        self._make(self.root, gid)
+        self._make(self.root, DIR_MODE, gid, may_be_link=True)
         for folders in self.queues.values():
-            self._make(folders.root, gid)
+            self._make(folders.root, DIR_MODE, gid)
             for sub in SUBDIRS:
-                self._make(folders.root / sub, gid)
+                self._make(folders.root / sub, INBOX_MODE if sub == "inbox" else DIR_MODE, gid)
+
+    def tighten_items(self) -> None:
+        """Once at start: claimed items of an older version were 2770; make them the daemon's alone."""
+        for folders in self.queues.values():
+            with os.scandir(folders.work) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mode & 0o077:
+                        os.chmod(entry.path, ITEM_DIR_MODE, follow_symlinks=False)
+
+    def remove_stale_temps(self) -> None:
+        """Temp files a crash left beside health.json and metrics.prom."""
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX) and entry.is_file():
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
 
     @staticmethod
-    def _make(path: Path, gid: int) -> None:
-        if path.is_dir():
-            return
-        path.mkdir(parents=True, exist_ok=True)
-        os.chmod(path, DIR_MODE)
-        if gid != -1:
+    def _make(path: Path, mode: int, gid: int, *, may_be_link: bool = False) -> None:
+        try:
+            info = os.stat(path) if may_be_link else os.lstat(path)
+        except FileNotFoundError:
+            path.mkdir(parents=True, exist_ok=True)
+            info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder (a spool folder must be a real folder)", str(path))
+        if gid not in (-1, info.st_gid):
             with contextlib.suppress(PermissionError):
                 os.chown(path, -1, gid)
+        if stat.S_IMODE(info.st_mode) != mode:
+            try:
+                os.chmod(path, mode)
+            except PermissionError:
+                # systemd's RestrictSUIDSGID= forbids the setgid bit; the modes without it still hold.
+                os.chmod(path, mode & ~stat.S_ISGID)
 
     def free_bytes(self) -> int:
         stats = os.statvfs(self.root)

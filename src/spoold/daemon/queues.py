@@ -156,10 +156,12 @@ class QueueBook:
 
     def _complete(self, item: ArrivingItem) -> None:
         """The ready marker arrived: move the folder into the item; settle it here unless a worker holds it."""
-        fields, rejection = arriving.read_marker(self.folders, item.entry)
+        limits = self.queue.spec.limits
+        fields, rejection = arriving.read_marker(self.folders, item.entry, limits)
         if not arriving.move_in(self.folders, item):
             self._abandon(item)
             return
+        rejection = rejection or arriving.moved_in_rejection(self.folders, item.item, limits)
         del self.arriving[item.item]
         self.intake.receiving.discard(item.entry)
         item.complete(fields, rejection)
@@ -230,9 +232,9 @@ class QueueBook:
                 self._note_error(sidecar)
             else:
                 log.info("%s/%s: done", self.name, item)
-            # Last: if the move fails (say failed/ cannot be written), the sidecar already tells the truth
-            # and the next rescan moves the item.
-            recovery.settle_finished(self.queue, self.folders, sidecar, outcome.verdict)
+            if (self.folders.work / item).exists():
+                # The worker could not move it (or gave up without a sidecar write): the next rescan tries.
+                recovery.settle_finished(self.queue, self.folders, sidecar, outcome.verdict)
         elif self.is_closed:
             self.forget(item)  # interrupted or retrying: its sidecar resumes it when the queue comes back
         elif outcome.verdict == "interrupted" and not self.stop_event.is_set():

@@ -23,7 +23,7 @@ from spoold.daemon.arriving import ArrivingItem
 from spoold.daemon.claiming import adopt_orphan, reject
 from spoold.daemon.config import Config, Queue
 from spoold.daemon.layout import HANDOFF_FILE, HANDOFF_PREFIX, QueueFolders
-from spoold.daemon.sidecar import ACTIVE_STATES, Sidecar
+from spoold.daemon.sidecar import ACTIVE_STATES, Sidecar, error_record
 
 log = logging.getLogger("spoold.recovery")
 
@@ -75,14 +75,14 @@ def _resume(queue: Queue, folders: QueueFolders, sidecar: Sidecar, stop_event: t
             settle_finished(queue, folders, sidecar)
         return Found(sidecar)
     if sidecar.is_arriving and (folders.work / name).is_dir():
-        resumed = arriving.resume(folders, sidecar, stop_event)
+        resumed = arriving.resume(folders, sidecar, queue.spec.limits, stop_event)
         if resumed[0] == "tracked":
             return Found(sidecar, resumed[1])
         if resumed[0] == "settled" and resumed[1] is not None:
             reject(folders, sidecar, resumed[1])
         return Found(sidecar) if resumed[0] == "settled" else None
     if not (folders.work / name).is_dir():
-        sidecar.vanished()
+        _finish_interrupted_move(queue, folders, sidecar)
         return Found(sidecar)
     if sidecar.doc.get("kind") == "bundle":
         original = str(sidecar.doc.get("original_name", name))
@@ -90,6 +90,20 @@ def _resume(queue: Queue, folders: QueueFolders, sidecar: Sidecar, stop_event: t
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(folders.inbox / f"{original}.ready")
     return Found(sidecar)
+
+
+def _finish_interrupted_move(queue: Queue, folders: QueueFolders, sidecar: Sidecar) -> None:
+    """An active item whose folder left work/: a crash between moving it out and writing its sidecar."""
+    steps = sidecar.doc["steps"]
+    if all(s.get("state") == "done" for s in steps) and (queue.spec.keep.done == "delete" or
+                                                         (folders.done / sidecar.name).is_dir()):  # fmt: skip
+        sidecar.done()
+    elif (folders.failed / sidecar.name).is_dir():
+        sidecar.failed(sidecar.current_step_index(), error_record(
+            sidecar.doc.get("step"), "interrupted", "the daemon stopped while failing this item; see its log",
+            retryable=False))  # fmt: skip
+    else:
+        sidecar.vanished()
 
 
 def settle_finished(queue: Queue, folders: QueueFolders, sidecar: Sidecar, state: str | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from spoold.daemon.config import RetryPolicy
 from spoold.daemon.layout import QueueFolders
@@ -31,8 +32,13 @@ def classify(exc: BaseException) -> tuple[str, bool]:
     return INTERNAL, True
 
 
-def after_failure(policy: RetryPolicy, sidecar: Sidecar, index: int | None, exc: BaseException) -> Outcome:
-    """Record a failed attempt of step `index` in the sidecar: retrying on schedule, or failed."""
+def after_failure(policy: RetryPolicy, sidecar: Sidecar, index: int | None, exc: BaseException,
+                  give_up: Callable[[], None]) -> Outcome:  # fmt: skip
+    """Record a failed attempt of step `index` in the sidecar: retrying on schedule, or failed.
+
+    `give_up` runs before the sidecar says `failed` (it moves the item to failed/), so whoever reads
+    `failed` finds the item there.
+    """
     type_name, retryable = classify(exc)
     message = redact(str(exc) or type(exc).__name__)
     step = sidecar.step_entry(index) if index is not None else None
@@ -48,6 +54,7 @@ def after_failure(policy: RetryPolicy, sidecar: Sidecar, index: int | None, exc:
         return Outcome("retry", retry_at=at)
     if retryable:
         message = f"{message} (gave up after {attempt} attempts)"
+    give_up()
     sidecar.failed(index, error_record(step_name, type_name, message, retryable=retryable))
     log.error("%s failed: %s", where, message)
     return Outcome("failed")

@@ -22,6 +22,7 @@ from spoold.daemon.context import ItemContext, ItemEnv
 from spoold.daemon.handoff import hand_over
 from spoold.daemon.layout import QueueFolders, SpoolLayout
 from spoold.daemon.messages import ItemAdopted, ItemFinished, Message, Outcome, StateChanged
+from spoold.daemon.recovery import settle_finished
 from spoold.daemon.sidecar import Sidecar, error_record
 from spoold.errors import Interrupted, PermanentError, StepError
 from spoold.handlers.base import StepResult
@@ -71,6 +72,7 @@ class ItemRunner:
                     return outcome
                 if (outcome := self._run_step(step)) is not None:
                     return outcome
+            self._move_out("done")
             self.sidecar.done()
             return Outcome("done")
         except Exception as exc:  # noqa: BLE001 - a bug in the runner is this item's failure, not the daemon's
@@ -114,6 +116,7 @@ class ItemRunner:
         arriving.close()
         if arriving.rejection is None:
             return None
+        self._move_out("failed")
         self.sidecar.failed(index, error_record(None, "rejected", arriving.rejection, retryable=False))
         log.error("%s/%s: rejected: %s", self.queue.name, self.sidecar.name, arriving.rejection)
         return Outcome("failed")
@@ -133,10 +136,22 @@ class ItemRunner:
 
     def _failed_attempt(self, index: int | None, exc: BaseException) -> Outcome:
         try:
-            return retries.after_failure(self.queue.spec.retry, self.sidecar, index, exc)
+            return retries.after_failure(self.queue.spec.retry, self.sidecar, index, exc,
+                                         lambda: self._move_out("failed"))  # fmt: skip
         except Exception as second:  # noqa: BLE001 - cannot even record it (disk full): retry on schedule
             log.error("%s/%s: cannot record the failure: %s", self.queue.name, self.sidecar.name, second)
             return retries.fallback_retry(self.queue.spec.retry, self.sidecar)
+
+    def _move_out(self, state: str) -> None:
+        """Move the finished item where it belongs before its sidecar says so, so readers find it there.
+
+        If the move fails (failed/ cannot be written), the sidecar still tells the truth, and the loop's
+        periodic pick-up moves the item later.
+        """
+        try:
+            settle_finished(self.queue, self.folders, self.sidecar, state)
+        except OSError as exc:
+            log.error("%s/%s: cannot move the item to %s/: %s", self.queue.name, self.sidecar.name, state, exc)
 
     def _report_state(self, state: str) -> None:
         self.post(StateChanged(self.queue.name, self.sidecar.name, state))

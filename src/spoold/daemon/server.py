@@ -83,6 +83,8 @@ class Server:
 
     def start_up(self) -> None:
         self.layout.ensure()
+        self._guarded("tightening claimed items' folders", self.layout.tighten_items)
+        self._guarded("removing stale temp files", self.layout.remove_stale_temps)
         self._check_disk()
         for name, queue in self.config.queues.items():
             self._add_book(name, queue)

@@ -2,8 +2,10 @@
 
 Every change of an item's status is one method here (`start_step`, `retrying`,
 `failed`, `requeue`, ...), so the document's shape has one owner. Each
-transition is written at once, atomically (`spoold.fsio`); the whole document
-passes through `redact()`, since the sidecar must never hold a secret.
+transition is written at once, atomically (`spoold.fsio`). Error messages are
+redacted where they are made (`retries`); names and fields are kept as they are,
+so an item named `token=1.txt` stays that item. Names that are not UTF-8 are
+kept reversibly as JSON escapes of Python's surrogates (`\\udcff` for byte 0xff).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from typing import Any
 
 from spoold import __version__
 from spoold.fsio import now_iso, parse_iso, read_json, write_bytes_atomic
-from spoold.redact import redact
 
 __all__ = ["ACTIVE_STATES", "SCHEMA", "STATES", "Sidecar", "error_record", "now_iso", "parse_iso"]
 
@@ -26,6 +27,21 @@ STATES = ("queued", "running", "waiting", "retrying", "done", "failed")
 ACTIVE_STATES = ("queued", "running", "waiting", "retrying")
 ARRIVING_FLAG = "arriving"
 PROGRESS_WRITE_SECONDS = 1.0
+
+
+def encode_document(document: dict[str, Any]) -> bytes:
+    """UTF-8 JSON; a document holding non-UTF-8 names (lone surrogates) is written with ASCII escapes."""
+    try:
+        return json.dumps(document, indent=2, ensure_ascii=False, default=str).encode() + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(document, indent=2, ensure_ascii=True, default=str).encode() + b"\n"
+
+
+def is_safe_relative(path: object) -> bool:
+    """A path inside an item's folder: relative, no `..`, no NUL."""
+    if not isinstance(path, str) or not path or "\0" in path or path.startswith("/"):
+        return False
+    return ".." not in path.split("/")
 
 
 def error_record(step: str | None, type_name: str, message: str, *, retryable: bool) -> dict[str, Any]:
@@ -75,14 +91,22 @@ class Sidecar:
 
     @classmethod
     def load(cls, path: Path) -> Sidecar | None:
+        """The sidecar at `path`, or None when it is missing or not one the daemon could have written.
+
+        Checked before use: the item's name is the file's own, and payload paths stay inside the item.
+        """
         document = read_json(path)
-        if document is None or document.get("schema") != SCHEMA or not isinstance(document.get("item"), str):
+        if document is None or document.get("schema") != SCHEMA or document.get("item") != path.name[:-5]:
             return None
         if not isinstance(document.get("steps"), list) or document.get("state") not in STATES:
             return None
-        document.setdefault("payload", [])
-        document.setdefault("extras", [])
-        document.setdefault("digests", {})
+        if not all(isinstance(s, dict) for s in document["steps"]):
+            return None
+        for key in ("payload", "extras"):
+            if not all(is_safe_relative(p) for p in document.setdefault(key, [])):
+                return None
+        if not isinstance(document.setdefault("digests", {}), dict):
+            document["digests"] = {}
         if not isinstance(document.get("fields"), dict):
             document["fields"] = {}
         return cls(path, document)
@@ -126,8 +150,7 @@ class Sidecar:
     def write(self) -> None:
         with self._lock:
             self.doc["updated"] = now_iso()
-            text = redact(json.dumps(self.doc, indent=2, ensure_ascii=False, default=str))
-            write_bytes_atomic(self.path, text.encode() + b"\n")
+            write_bytes_atomic(self.path, encode_document(self.doc))
 
     def write_progress(self) -> None:
         """Write at most once a second; progress between writes is simply newer next time."""

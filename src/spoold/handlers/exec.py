@@ -1,12 +1,19 @@
 """exec: run a program (an argv list, never a shell string) on the item.
 
 Options: `argv` (list of templates: `{path}` is the payload, `{item_dir}` the
-item's folder, plus every field), `timeout`, `env` (extra variables),
+item's folder, plus every field), `timeout`, `env` (variables for the program),
 `capture_fields` (a JSON object on the last line of stdout is merged into the
-item's fields). Exit 0 is success, 75 (EX_TEMPFAIL) means try again later,
-anything else fails the item. Output goes to the log. The program runs in the
-item's work folder with SPOOLD_QUEUE, SPOOLD_ITEM, SPOOLD_ITEM_DIR and
-SPOOLD_PAYLOAD set. A re-run after a crash runs it again: make it idempotent.
+item's fields), `allow_dash_values`. Exit 0 is success, 75 (EX_TEMPFAIL) means
+try again later, anything else fails the item. Output goes to the log. The
+program runs in the item's work folder with SPOOLD_QUEUE, SPOOLD_ITEM,
+SPOOLD_ITEM_DIR and SPOOLD_PAYLOAD set. A re-run after a crash runs it again:
+make it idempotent.
+
+The program gets a clean environment, never the daemon's (which may hold
+`AWS_SECRET_ACCESS_KEY`, `CREDENTIALS_DIRECTORY`, ...): `PATH` (the daemon's,
+else a safe default), `HOME` of the daemon's user, `LANG` (the daemon's, else
+`C.UTF-8`), `LC_ALL` and `TZ` when the daemon has them, the SPOOLD_* variables,
+and exactly what the step's `env` names.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import pwd
+import re
 import signal
 import subprocess
 import tempfile
@@ -24,22 +33,47 @@ from typing import Any
 from spoold.errors import Interrupted, PermanentError, TransientError
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.options import Seconds
-from spoold.templates import render
+from spoold.templates import render_arg, render_text
 
 EX_TEMPFAIL = 75
 OUTPUT_TAIL_BYTES = 4000
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_LANG = "C.UTF-8"
+# Passed on from the daemon's environment when set: locale and time zone, nothing that can hold a secret.
+INHERITED = ("LC_ALL", "TZ")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# An `env` value that is exactly `$NAME` passes the daemon's variable NAME on (`$$...` is a literal `$...`).
+_IMPORT = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)$")
 
 
 @dataclasses.dataclass(frozen=True)
 class ExecOptions:
+    """The `exec` step's options.
+
+    `argv`: the program and its arguments, each a template (no shell ever sees them). An element
+    whose first character would come from a field's value and is `-` (an item named `--help`) is
+    refused, so no producer can add an option; `-o{name}` or `--` written in the config are fine.
+    `allow_dash_values`: true lets such values through, for a program that takes them as data.
+    `env`: NAME -> value for the program's environment, on top of the clean one (PATH, HOME, LANG,
+    LC_ALL, TZ, SPOOLD_*). A value is a template (`'{name}'`), or exactly `$NAME` to pass on the
+    daemon's own variable NAME (`AWS_PROFILE: $AWS_PROFILE`; the item fails if the daemon lacks
+    it); `$$x` is the literal text `$x`. Nothing else of the daemon's environment reaches the child.
+    `timeout`: kill the program after this long (retried later). `capture_fields`: merge the JSON
+    object on stdout's last line into the item's fields.
+    """
+
     argv: list[str]
     timeout: Seconds | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     capture_fields: bool = False
+    allow_dash_values: bool = False
 
     def __post_init__(self) -> None:
         if not self.argv:
             raise ValueError("argv must name a program")
+        bad = [name for name in self.env if not _ENV_NAME.match(name)]
+        if bad:
+            raise ValueError(f"env: {bad[0]!r} is not a variable name (letters, digits and _, not first a digit)")
 
 
 class Exec(Handler[ExecOptions]):
@@ -48,8 +82,10 @@ class Exec(Handler[ExecOptions]):
 
     def run(self, ctx: StepContext) -> StepResult:
         values = ctx.template_values()
-        argv = [render(arg, values, is_path=False) for arg in self.options.argv]
-        env = {**os.environ, **{k: render(v, values, is_path=False) for k, v in self.options.env.items()}}
+        dash = self.options.allow_dash_values
+        argv = [render_arg(arg, values, allow_leading_dash=dash) for arg in self.options.argv]
+        env = child_environment()
+        env.update({name: _env_value(name, value, values) for name, value in self.options.env.items()})
         env.update(SPOOLD_QUEUE=ctx.queue, SPOOLD_ITEM=ctx.item, SPOOLD_ITEM_DIR=str(ctx.item_dir),
                    SPOOLD_PAYLOAD=":".join(str(p) for p in ctx.payload))  # fmt: skip
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -97,6 +133,32 @@ class Exec(Handler[ExecOptions]):
         if not isinstance(value, dict):
             raise PermanentError("capture_fields: the last line of output must be a JSON object")
         return value
+
+
+def child_environment() -> dict[str, str]:
+    """The clean base environment of every program `exec` runs (the step's `env` is added to it)."""
+    env = {"PATH": os.environ.get("PATH") or SAFE_PATH, "HOME": _home(), "LANG": os.environ.get("LANG") or DEFAULT_LANG}
+    env.update({name: os.environ[name] for name in INHERITED if os.environ.get(name)})
+    return env
+
+
+def _home() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_dir or "/"
+    except KeyError:  # a uid with no passwd entry (some containers)
+        return "/"
+
+
+def _env_value(name: str, template: str, values: dict[str, Any]) -> str:
+    imported = _IMPORT.match(template)
+    if imported:
+        value = os.environ.get(imported.group(1))
+        if value is None:
+            raise PermanentError(f"env {name}: the daemon's environment has no ${imported.group(1)} to pass on")
+        return value
+    if template.startswith("$$"):
+        return "$" + render_text(template[2:], values)
+    return render_text(template, values)
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:

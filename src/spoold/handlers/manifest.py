@@ -1,7 +1,9 @@
 """manifest: a JSON description of the item beside it.
 
 Options: `layout` (`spoold`, the generic layout), `name` (template, default
-`{name}.manifest.json`), `fields` (extra static fields merged in).
+`{name}.manifest.json`; it renders to one file name inside the item's folder,
+never a path out of it, and never one of the payload's own files), `fields`
+(extra static fields merged in).
 The generic layout holds the item's fields, every payload file with its size and
 checksums, the host and the times. Side effects: one extra file.
 """
@@ -9,6 +11,7 @@ checksums, the host and the times. Side effects: one extra file.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -16,9 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from spoold import __version__
+from spoold.errors import PermanentError, TemplateError
 from spoold.fsio import now_iso
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.handlers.checksum import payload_files
+from spoold.templates import render_path, template_fields
 
 LAYOUT_SCHEMA = "spoold.manifest/1"
 
@@ -70,15 +75,28 @@ class Manifest(Handler[ManifestOptions]):
     def validate(self, queue_names: frozenset[str], is_queue_of_requests: bool) -> str | None:
         if "/" in self.options.name:
             return "manifest name must be a file name, not a path"
+        try:
+            template_fields(self.options.name)
+        except TemplateError as exc:
+            return str(exc)
         if self.options.layout not in LAYOUTS:
             return f"manifest layout {self.options.layout!r} is not available in this version"
         return None
 
     def run(self, ctx: StepContext) -> StepResult:
         document = LAYOUTS[self.options.layout](ctx, dict(self.options.fields))
-        target = ctx.item_dir / ctx.render(self.options.name)
+        target = render_path(self.options.name, ctx.template_values(), ctx.item_dir)
+        if any(target == p or p in target.parents for p in ctx.payload):
+            raise TemplateError(f"manifest name {target.name!r} would overwrite the item's payload")
         tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+        try:
+            # Surrogates (fields of a non-UTF-8 name) become JSON `\udcXX` escapes, so the file stays UTF-8.
+            tmp.write_bytes(text.encode("utf-8", "backslashreplace"))
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise PermanentError(f"manifest name {target.name!r} is too long for the file system") from None
+            raise
         os.replace(tmp, target)
         return StepResult(result={"manifest": target.name}, extras=[target])
 

@@ -25,8 +25,9 @@ from typing import Any
 from spoold.errors import PermanentError
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.options import Bytes
+from spoold.templates import render_url
 from spoold.transports import TRANSPORTS
-from spoold.transports.base import ConnectionOptions, Delivered, TransferContext, join_remote, parse_url, redact_url
+from spoold.transports.base import ConnectionOptions, Delivered, TransferContext, join_name, parse_url, redact_url
 
 STAGING_DIR = ".ship"
 _NOT_TRANSPORT_SETTINGS = ("to", "verify", "delete_source", "ready_marker")
@@ -75,13 +76,14 @@ class Ship(Handler[ShipOptions]):
     shorthand = "to"
 
     def run(self, ctx: StepContext) -> StepResult:
-        destination = ctx.render(self.options.to)
+        # Field values are escaped into the URL and the result is checked against the literal base.
+        destination = render_url(self.options.to, ctx.template_values())
         url = parse_url(destination)
         if ctx.checkpoint.data.get("summary"):
             # Everything was delivered before a restart; only the source removal may be left.
             return self._finish(ctx, ctx.checkpoint.data["summary"])
         transport = ctx.transport(destination, transport_settings(self.options))
-        targets, is_folder_delivery = self._plan(ctx, url.path, url.is_folder)
+        targets, is_folder_delivery = self._plan(ctx, url.path, url.is_folder, url.scheme)
         total = sum(_size(t.source) for t in targets)
         finished: dict[str, dict[str, Any]] = ctx.checkpoint.data.setdefault("finished", {})
         done_bytes = sum(_size(t.source) for t in targets if t.remote in finished)
@@ -110,7 +112,8 @@ class Ship(Handler[ShipOptions]):
         should_mark = self.options.ready_marker if self.options.ready_marker is not None else is_folder_delivery
         main = targets[0].remote if targets else url.path
         if should_mark:
-            marker = json.dumps(ctx.fields, ensure_ascii=False, default=str).encode()
+            # A field from a non-UTF-8 name holds surrogates: written as JSON `\udcXX` escapes, never a crash.
+            marker = json.dumps(ctx.fields, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
             transport.write_small(main.rstrip("/") + ".ready", marker)
         verified = all(v.get("verified") for v in finished.values())
         summary = {
@@ -128,7 +131,7 @@ class Ship(Handler[ShipOptions]):
                 _remove(path)
         return StepResult(result=summary, is_payload_removed=self.options.delete_source)
 
-    def _plan(self, ctx: StepContext, path: str, is_folder: bool) -> tuple[list[Target], bool]:
+    def _plan(self, ctx: StepContext, path: str, is_folder: bool, scheme: str) -> tuple[list[Target], bool]:
         """Which local file or folder goes to which remote path, and whether a folder is delivered."""
         payload = [p for p in ctx.payload if p.exists() or p.is_symlink()]
         if len(payload) != len(ctx.payload):
@@ -138,21 +141,21 @@ class Ship(Handler[ShipOptions]):
         if len(payload) > 1:
             # Several outputs (e.g. one video per camera) travel as one folder named after the item.
             stage = self._stage(ctx, payload + ctx.extras)
-            remote = join_remote(path, ctx.item) if is_folder else path.rstrip("/")
+            remote = join_name(path, ctx.item, scheme) if is_folder else path.rstrip("/")
             return [Target(stage, remote, None, self._tree_digests(ctx, payload + ctx.extras))], True
         targets: list[Target] = []
         folder = path if is_folder else os.path.dirname(path.rstrip("/")) or "/"
         if payload:
             source = payload[0]
             # A claimed file is named after its item; a step's output (an archive) keeps its own name.
-            remote = join_remote(path, source.name) if is_folder else path
+            remote = join_name(path, source.name, scheme) if is_folder else path
             relative = str(source.relative_to(ctx.item_dir))
             if source.is_dir():
                 targets.append(Target(source, remote, None, self._tree_digests(ctx, [source], strip=relative)))
             else:
                 targets.append(Target(source, remote, ctx.digests.get(relative, {}).get("sha256"), {}))
         for extra in ctx.extras:
-            targets.append(Target(extra, join_remote(folder, extra.name), None, {}))
+            targets.append(Target(extra, join_name(folder, extra.name, scheme), None, {}))
         return targets, bool(payload) and payload[0].is_dir()
 
     @staticmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
@@ -48,26 +49,77 @@ class ParsedUrl:
         return f"{self.scheme}://{user}{self.host}{port}{self.path}"
 
 
+# Schemes whose URLs are `scheme://authority/path` with no query or fragment: there `?` and `#` are
+# ordinary path characters (an S3 key or a file name may hold them; a `wait` glob uses `?`).
+_QUERY_SCHEMES = frozenset({"http", "https"})
+# Enough rounds of percent-decoding to see through any realistic nesting (`%25252e` and so on).
+_MAX_DECODING_ROUNDS = 16
+
+
+def fully_decoded(text: str) -> str:
+    """`text` percent-decoded again and again until it stops changing (surrogate-escaped, never lossy)."""
+    for _ in range(_MAX_DECODING_ROUNDS):
+        decoded = unquote(text, errors="surrogateescape")
+        if decoded == text:
+            return text
+        text = decoded
+    return text
+
+
+def has_dotdot(path: str) -> bool:
+    """Whether `path` has a `..` segment after every decoding, splitting on either slash."""
+    return ".." in re.split(r"[/\\]", fully_decoded(path))
+
+
+def check_decoded_path(path: str, shown: str) -> str:
+    """Return `path` (already URL-decoded once) if no decoding of it can climb out or smuggle a NUL.
+
+    Raises PermanentError naming `shown` (a redacted URL) otherwise. This runs on every URL spoold
+    parses, so a `%2e%2e%2f` or `%252e%252e%252f` in any destination, source or glob is refused.
+    """
+    if "\x00" in fully_decoded(path):
+        raise PermanentError(f"{shown!r}: the path holds a NUL byte")
+    if has_dotdot(path):
+        raise PermanentError(f"{shown}: the path holds a '..' segment (after decoding) that would escape "
+                             "its folder")  # fmt: skip
+    return path
+
+
 def parse_url(url: str) -> ParsedUrl:
-    """Split `url`; `file://./rel/` keeps its relative path. Raises PermanentError on nonsense."""
+    """Split `url`; `file://./rel/` keeps its relative path. Raises PermanentError on nonsense.
+
+    The path is percent-decoded once (surrogate escapes keep non-UTF-8 bytes distinct), and for
+    `file`, `sftp` and `s3` everything after the host is path: `?` and `#` never start a query or a
+    fragment. A path with a `..` segment or a NUL after any number of decodings is refused.
+    """
     if "://" not in url:
         raise PermanentError(f"not a URL (expected scheme://...): {url!r}")
-    scheme = url.split("://", 1)[0].lower()
+    scheme, rest = url.split("://", 1)
+    scheme = scheme.lower()
+    shown = redact_url(url)
     if scheme == "file":
-        rest = url[len("file://") :]
         if rest.startswith("localhost/"):
             rest = rest[len("localhost") :]
         if not rest:
             raise PermanentError("file:// URL has no path")
-        return ParsedUrl("file", "", None, "", unquote(rest))
-    parts = urlsplit(url)
+        return ParsedUrl("file", "", None, "", check_decoded_path(unquote(rest, errors="surrogateescape"), shown))
+    if scheme in _QUERY_SCHEMES:
+        parts = urlsplit(url)
+        raw_path = parts.path
+    else:
+        authority, slash, tail = rest.partition("/")
+        if any(c in authority for c in "?#\\"):
+            raise PermanentError(f"bad host in URL {shown!r}")
+        parts = urlsplit(f"{scheme}://{authority}")
+        raw_path = slash + tail
     try:
         port = parts.port
     except ValueError:
-        raise PermanentError(f"bad port in URL {redact_url(url)!r}") from None
+        raise PermanentError(f"bad port in URL {shown!r}") from None
     if not parts.hostname:
-        raise PermanentError(f"URL has no host: {redact_url(url)!r}")
-    return ParsedUrl(scheme, parts.hostname, port, unquote(parts.username or ""), unquote(parts.path) or "/")
+        raise PermanentError(f"URL has no host: {shown!r}")
+    path = check_decoded_path(unquote(raw_path, errors="surrogateescape") or "/", shown)
+    return ParsedUrl(scheme, parts.hostname, port, unquote(parts.username or ""), path)
 
 
 def redact_url(url: str) -> str:
@@ -90,7 +142,37 @@ def credential_path(name: str) -> Path:
 
 
 def join_remote(folder: str, name: str) -> str:
+    """`folder/name` for remote paths; `name` may be a relative path but never climbs out of `folder`."""
+    if ".." in name.split("/"):
+        raise PermanentError(f"{name!r} holds a '..' segment that would escape {folder}")
     return str(PurePosixPath(folder) / name)
+
+
+def check_name(name: str, scheme: str = "file") -> str:
+    """Return `name` if it is one safe path component for a `scheme://` destination, else PermanentError.
+
+    Not empty, `.` or `..`; no `/`, no NUL; no `..` segment after any percent-decoding (a server
+    or a later step that decodes must not find one either); UTF-8 for the remote schemes (S3 keys
+    and SFTP paths are UTF-8; a non-UTF-8 name can only go to `file://`).
+    """
+    if name in ("", ".", "..") or "/" in name:
+        raise PermanentError(f"{name!r} is not a single file name (it would escape or collapse its folder)")
+    if "\x00" in fully_decoded(name):
+        raise PermanentError(f"{name!r} holds a NUL byte")
+    if has_dotdot(name):
+        raise PermanentError(f"{name!r} decodes to a '..' segment, which would escape its folder")
+    if scheme != "file":
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PermanentError(f"{name!r} is not valid UTF-8; {scheme}:// needs UTF-8 names "
+                                 "(only file:// destinations take any bytes)") from None  # fmt: skip
+    return name
+
+
+def join_name(folder: str, name: str, scheme: str = "file") -> str:
+    """`folder/name` where `name` (an item's or a file's name) must stay one component: see `check_name`."""
+    return str(PurePosixPath(folder) / check_name(name, scheme))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,18 +1,31 @@
 """file:// — a folder on this machine (another disk, an NFS mount, another spool's inbox).
 
-Publishing writes `.<name>.spoold.part`, fsyncs, drops it from the page cache
-and reads it back to verify, then renames it into place and fsyncs the folder:
-whoever watches the destination sees only whole, verified files.
+Publishing writes `.<name>.spoold.part` (created anew, never through a link
+planted at that name), fsyncs, drops it from the page cache and reads it back
+to verify, then renames it into place and fsyncs the folder: whoever watches
+the destination sees only whole, verified files. Symlinks inside a folder being
+shipped are skipped, as by the other transports; a pulled folder holding one
+is refused.
+
+Also here, because every transport and handler that lands untrusted names
+needs them without importing paramiko or boto3: `check_name` (a name from a
+remote listing, URL or header must be one path component, like an inbox name)
+and `Landing` (a local folder that receives a remote tree and lets nothing out).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import glob as globmod
+import hashlib
 import os
 import shutil
-from collections.abc import Mapping
+import stat
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from spoold.digest import CHUNK_BYTES, MultiHasher, hash_file
 from spoold.errors import ChecksumMismatch, PermanentError, TransientError
@@ -20,10 +33,221 @@ from spoold.fsio import fsync_dir
 from spoold.transports.base import Delivered, RemoteEntry, TransferContext, Transport
 
 PART_SUFFIX = ".spoold.part"
+OLD_SUFFIX = ".spoold.old"
+MAX_NAME_BYTES = 255
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _temp_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}{PART_SUFFIX}")
+# -- untrusted names ------------------------------------------------------------------------------
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` is not one safe path component (the rules for inbox names), or None."""
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return "is . or .."
+    if "/" in name:
+        return "holds a /"
+    if "\x00" in name:
+        return "holds a NUL byte"
+    if len(os.fsencode(name)) > MAX_NAME_BYTES:
+        return f"is {len(os.fsencode(name))} bytes long, more than {MAX_NAME_BYTES}"
+    return None
+
+
+def shown_name(name: str) -> str:
+    """`name` quoted for a message, cut short when long (a 300-byte name must not flood a sidecar)."""
+    return repr(name) if len(name) <= 80 else repr(name[:60]) + "…"
+
+
+def check_name(name: str, where: str) -> str:
+    """`name` when it is one safe path component; else a PermanentError naming it and `where` it came from."""
+    problem = name_problem(name)
+    if problem:
+        raise PermanentError(f"{where}: the name {shown_name(name)} {problem}; a name from a remote server must "
+                             "be a single path component, so nothing lands outside its folder")  # fmt: skip
+    return name
+
+
+def part_name(name: str, suffix: str) -> str:
+    """`.<name><suffix>`, or a short hashed name when that would pass the 255-byte limit of a name."""
+    candidate = f".{name}{suffix}"
+    if len(os.fsencode(candidate)) <= MAX_NAME_BYTES:
+        return candidate
+    return f".{hashlib.sha256(os.fsencode(name)).hexdigest()[:32]}{suffix}"
+
+
+def describe_mode(mode: int | None) -> str:
+    """`a symlink`, `a FIFO`, ... for the file type in `mode`."""
+    if mode is None:
+        return "of an unknown type"
+    for test, kind in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISREG, "a file")):  # fmt: skip
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeLimits:
+    """How deep (path components below the root) and how big (files and folders) a pulled tree may be."""
+
+    depth: int = 32
+    files: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.files < 1:
+            raise ValueError("limits.depth and limits.files must be at least 1")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> TreeLimits:
+        """The limits `pull` passes in its transport settings (`max_depth`, `max_files`), else the defaults."""
+        return cls(int(settings.get("max_depth") or cls.depth), int(settings.get("max_files") or cls.files))
+
+    def check(self, relative: str, count: int, root: str) -> None:
+        """Refuse entry number `count` at `relative` (below `root`) when it passes a limit."""
+        if relative.count("/") + 1 > self.depth:
+            raise PermanentError(f"{root}: {shown_name(relative)} is nested more than {self.depth} levels deep "
+                                 "(limits.depth); nothing was pulled")  # fmt: skip
+        if count > self.files:
+            raise PermanentError(f"{root} holds more than {self.files} files and folders (limits.files); "
+                                 "nothing was pulled")  # fmt: skip
+
+
+class Landing:
+    """A local folder that receives a tree from an untrusted server; nothing written through it lands outside.
+
+    Paths are lists of checked names, opened one component at a time below the
+    folder's descriptor with O_NOFOLLOW, and files are created with O_EXCL: a
+    symlink planted at any name inside (a partial download, a target) is refused,
+    never followed. The folder itself is the operator's, so a link there is theirs.
+    """
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def __enter__(self) -> Landing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    @contextlib.contextmanager
+    def _refusing(self, parts: Sequence[str]) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EEXIST):
+                raise PermanentError(f"{self.root / '/'.join(parts)}: a symlink or another file is in the way "
+                                     "inside the landing folder; it is never followed or written through") from None
+            raise
+
+    def _folder(self, parts: Sequence[str]) -> int:
+        """A descriptor of the folder at `parts`, made where missing; the caller closes it."""
+        fd = os.dup(self.fd)
+        try:
+            for index, part in enumerate(parts):
+                check_name(part, f"landing in {self.root}")
+                with self._refusing(parts[: index + 1]):
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o777, dir_fd=fd)
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def makedirs(self, parts: Sequence[str]) -> None:
+        os.close(self._folder(parts))
+
+    def open_file(self, parts: Sequence[str]) -> tuple[BinaryIO, int]:
+        """(writer, bytes it already holds) for the file at `parts`, kept from an earlier attempt or made new."""
+        parent = self._folder(parts[:-1])
+        try:
+            name = check_name(parts[-1], f"landing in {self.root}")
+            with self._refusing(parts):
+                try:
+                    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+                except FileNotFoundError:
+                    fd = os.open(name, _CREATE_FLAGS, 0o666, dir_fd=parent)
+        finally:
+            os.close(parent)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise PermanentError(f"{self.root / '/'.join(parts)} is {describe_mode(info.st_mode)}; not written")
+        return os.fdopen(fd, "wb"), info.st_size
+
+    def publish(self, tmp: str, final: str) -> Path:
+        """Rename `tmp` to `final` in the folder; an earlier folder at `final` (a re-run) is replaced whole."""
+        where = self.root / final
+        existing = _lstat(final, self.fd)
+        is_tree = stat.S_ISDIR(os.stat(tmp, dir_fd=self.fd, follow_symlinks=False).st_mode)
+        if existing is not None and stat.S_ISDIR(existing.st_mode):
+            if not is_tree:
+                raise PermanentError(f"{where} is a folder; a pulled file does not replace it")
+            old = part_name(final, OLD_SUFFIX)
+            _remove_at(old, self.fd)
+            os.rename(final, old, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            os.rename(tmp, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            _remove_at(old, self.fd)
+        elif existing is not None and is_tree:
+            raise PermanentError(f"{where} exists and is {describe_mode(existing.st_mode)}; a pulled folder does "
+                                 "not replace it, and a symlink there is never followed")  # fmt: skip
+        else:
+            os.replace(tmp, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)  # replaces a link itself, never its target
+        os.fsync(self.fd)
+        return where
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _remove_at(name: str, dir_fd: int) -> None:
+    info = _lstat(name, dir_fd)
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    elif info is not None:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link (never what it points to) or a whole folder at `path`; missing is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def check_local_tree(origin: Path, limits: TreeLimits) -> None:
+    """Refuse a local folder to be pulled that holds a symlink or special file, or passes `limits`."""
+    count = 0
+    for root, dirs, files in os.walk(origin):
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            relative = str(path.relative_to(origin))
+            count += 1
+            limits.check(relative, count, str(origin))
+            mode = path.lstat().st_mode
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise PermanentError(f"{path} is {describe_mode(mode)}; only regular files and folders are "
+                                     "pulled, and a symlink is never followed")  # fmt: skip
+
+
+# -- the file:// transport ------------------------------------------------------------------------
 
 
 class LocalTransport(Transport):
@@ -32,7 +256,7 @@ class LocalTransport(Transport):
 
     def put_file(self, source: Path, target: str, sha256: str | None, ctx: TransferContext) -> Delivered:
         final = self._path(target)
-        tmp = _temp_name(final)
+        tmp = final.with_name(part_name(final.name, PART_SUFFIX))
         with _mapped_errors(final):
             final.parent.mkdir(parents=True, exist_ok=True)
             sent = _copy_hashing(source, tmp, ctx)
@@ -44,10 +268,10 @@ class LocalTransport(Transport):
 
     def put_tree(self, source: Path, target: str, digests: Mapping[str, str], ctx: TransferContext) -> Delivered:
         final = self._path(target.rstrip("/"))
-        tmp = _temp_name(final)
+        tmp = final.with_name(part_name(final.name, PART_SUFFIX))
         total = 0
         with _mapped_errors(final):
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
             tmp.mkdir(parents=True)
             for root, dirs, files in os.walk(source):
                 dirs.sort()
@@ -55,24 +279,25 @@ class LocalTransport(Transport):
                 for d in dirs:
                     (tmp / relative_root / d).mkdir(exist_ok=True)
                 for name in sorted(files):
+                    if (Path(root) / name).is_symlink():
+                        continue  # never followed (SPEC section 10); the S3 and SFTP transports skip them too
                     relative = str(relative_root / name) if str(relative_root) != "." else name
                     ctx.check_stop()
                     sent = _copy_hashing(Path(root) / name, tmp / relative, ctx)
                     _verify(tmp / relative, digests.get(relative, sent), final / relative)
                     total += (tmp / relative).stat().st_size
-            if final.exists():
-                # An earlier delivery of the same item (re-run after a crash) is replaced whole.
-                shutil.rmtree(final)
+            # An earlier delivery of the same item (re-run after a crash) is replaced whole.
+            _remove(final)
             os.rename(tmp, final)
             fsync_dir(final.parent)
         return Delivered(str(final), total, is_verified=True)
 
     def write_small(self, target: str, data: bytes) -> None:
         final = self._path(target)
-        tmp = _temp_name(final)
+        tmp = final.with_name(part_name(final.name, PART_SUFFIX))
         with _mapped_errors(final):
             final.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as stream:
+            with _create(tmp) as stream:
                 stream.write(data)
                 stream.flush()
                 os.fsync(stream.fileno())
@@ -102,22 +327,42 @@ class LocalTransport(Transport):
             raise TransientError(f"cannot read {target}: {exc.strerror}") from None
 
     def get_tree(self, source: str, target: Path, ctx: TransferContext) -> list[Path]:
-        origin = Path(source.rstrip("/"))
+        named = Path(source.rstrip("/"))
+        # The root is the step's own path, so a link there is the operator's and is followed; nothing below is.
+        origin = named.resolve()
         if not origin.exists():
             raise PermanentError(f"{source} does not exist")
-        destination = target / origin.name
-        self.put_tree(origin, str(destination), {}, ctx) if origin.is_dir() else self.put_file(
-            origin, str(destination), None, ctx
-        )
+        destination = target / check_name(named.name, f"pull from {source}")
+        if origin.is_dir():
+            check_local_tree(origin, TreeLimits.from_settings(self.settings))
+            self.put_tree(origin, str(destination), {}, ctx)
+        else:
+            self.put_file(origin, str(destination), None, ctx)
         return [destination]
 
 
+def _create(path: Path) -> BinaryIO:
+    """`path` made anew for writing: a stale temp file goes first, and a link planted there is never followed."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return os.fdopen(os.open(path, _CREATE_FLAGS, 0o666), "wb", buffering=0)
+
+
 def _copy_hashing(source: Path, target: Path, ctx: TransferContext) -> str:
-    """Copy `source` to `target` (fsynced), reading it once; return its sha256."""
+    """Copy `source` to `target` (fsynced), reading it once; return its sha256. Neither is read through a link."""
     hasher = MultiHasher(["sha256"])
-    size = source.stat().st_size
     done = 0
-    with open(source, "rb", buffering=0) as reader, open(target, "wb", buffering=0) as writer:
+    try:
+        reader = os.fdopen(os.open(source, _READ_FLAGS), "rb", buffering=0)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PermanentError(f"{source} is a symlink; it is never followed") from None
+        raise
+    with reader, _create(target) as writer:
+        info = os.fstat(reader.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise PermanentError(f"{source} is {describe_mode(info.st_mode)}; only regular files are copied")
+        size = info.st_size
         buffer = bytearray(CHUNK_BYTES)
         view = memoryview(buffer)
         while n := reader.readinto(view):

@@ -18,7 +18,7 @@ import os
 import posixpath
 import re
 import shlex
-import shutil
+import stat as statmod
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -27,8 +27,8 @@ from typing import Any
 import paramiko
 
 from spoold.errors import ChecksumMismatch, PermanentError, SpooldError, TransientError
-from spoold.fsio import fsync_dir
 from spoold.transports.base import Delivered, RemoteEntry, TransferContext, Transport, join_remote
+from spoold.transports.local import Landing, TreeLimits, check_name, describe_mode, part_name
 from spoold.transports.sftp_tree import (
     CHUNK_BYTES,
     REQUEST_BYTES,
@@ -113,6 +113,10 @@ class SftpTransport(Transport):
         except (paramiko.SSHException, EOFError) as exc:
             self._drop()
             raise TransientError(f"{what}: connection lost: {exc or type(exc).__name__}") from None
+        except paramiko.SFTPError as exc:
+            # The server broke the SFTP protocol (a reply of the wrong kind): maybe a glitch, so tried again.
+            self._forget_client()
+            raise TransientError(f"{what}: the server sent a bad SFTP reply: {exc}") from None
         except OSError as exc:
             reason = exc.strerror or str(exc) or type(exc).__name__
             if exc.errno in (errno.EACCES, errno.EPERM):
@@ -328,37 +332,54 @@ class SftpTransport(Transport):
         return data
 
     def get_tree(self, source: str, target: Path, ctx: TransferContext) -> list[Path]:
+        """Download a remote file or folder into `target` under its own name, through a `Landing`.
+
+        The root is the step's own path, so a link there is followed; below it the server's listing is
+        checked whole first (`walk`) and nothing in it is followed. Partial files are continued on a re-run.
+        """
         client = self._client()
         origin = source.rstrip("/") or "/"
-        name = posixpath.basename(origin)
-        final, tmp = target / name, target / f".{name}{PART_SUFFIX}"
+        name = check_name(posixpath.basename(origin), f"pull from {self.url.host}:{origin}")
+        tmp = part_name(name, PART_SUFFIX)
+        limits = TreeLimits.from_settings(self.settings)
         with self._mapped(f"download {self.url.host}:{origin}"):
-            top = self.stat(origin)
-            if top is None:
-                raise PermanentError(f"{self.url.host}:{origin} does not exist")
-            target.mkdir(parents=True, exist_ok=True)
-            files = walk(client, origin) if top.is_dir else [("", top.size)]
+            try:
+                top = client.stat(origin)
+            except FileNotFoundError:
+                raise PermanentError(f"{self.url.host}:{origin} does not exist") from None
+            is_tree = statmod.S_ISDIR(top.st_mode or 0)
+            if not is_tree and not statmod.S_ISREG(top.st_mode or 0):
+                raise PermanentError(f"{self.url.host}:{origin} is {describe_mode(top.st_mode)}; not pulled")
+            try:
+                files = walk(client, origin, limits) if is_tree else [("", top.st_size or 0)]
+            except BaseException:
+                self._forget_client()  # a listing left half read must not confuse the next request
+                raise
             total, done = sum(s for _, s in files if s >= 0), 0
-            if top.is_dir:
-                tmp.mkdir(exist_ok=True)
-            for relative, size in files:
-                local = tmp / relative if relative else tmp
-                if size < 0:
-                    local.mkdir(parents=True, exist_ok=True)
-                    continue
-                ctx.check_stop()
-                local.parent.mkdir(parents=True, exist_ok=True)
-                remote = join_remote(origin, relative) if relative else origin
+            with Landing(target) as landing:
+                if is_tree:
+                    landing.makedirs([tmp])
+                for relative, size in files:
+                    parts = [tmp, *relative.split("/")] if relative else [tmp]
+                    if size < 0:
+                        landing.makedirs(parts)
+                        continue
+                    ctx.check_stop()
+                    remote = join_remote(origin, relative) if relative else origin
 
-                def report(n: int, base: int = done) -> None:
-                    ctx.progress(base + n, total)
+                    def report(n: int, base: int = done) -> None:
+                        ctx.progress(base + n, total)
 
-                fetch(client, remote, local, size, report)
-                done += size
-            if final.is_dir() and not final.is_symlink():
-                # An earlier landing of this same pull (a re-run after a crash) is replaced whole.
-                os.rename(final, target / f".{name}.spoold.old")
-                shutil.rmtree(target / f".{name}.spoold.old", ignore_errors=True)
-            os.replace(tmp, final)
-            fsync_dir(target)
+                    writer, offset = landing.open_file(parts)
+                    with writer:
+                        fetch(client, remote, writer, offset, size, report)
+                    done += size
+                final = landing.publish(tmp, name)
         return [final]
+
+    def _forget_client(self) -> None:
+        client: paramiko.SFTPClient | None = getattr(self._local, "client", None)
+        self._local.client = None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()

@@ -2,6 +2,11 @@
 
 Functions over one `paramiko.SFTPClient`; error mapping stays with the
 caller (`SftpTransport._mapped`). Imported only by `spoold.transports.sftp`.
+
+The server is not trusted: every name it lists is checked as one path
+component (`listing`), a symlink or special file in a tree being pulled is
+refused, never read, trees are bounded in depth and count, and a size it
+claims never sizes a buffer: files are read a bounded window at a time.
 """
 
 from __future__ import annotations
@@ -11,19 +16,36 @@ import hashlib
 import os
 import posixpath
 import stat as statmod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import paramiko
 
 from spoold.errors import PermanentError, TransientError
 from spoold.transports.base import RemoteEntry, join_remote
+from spoold.transports.local import TreeLimits, check_name, describe_mode
 
 # OpenSSH's sftp-server takes reads and writes up to 255 KiB; paramiko's default is 32 KiB.
 REQUEST_BYTES = 255 * 1024
 CHUNK_BYTES = 4 * REQUEST_BYTES
 PREFETCH_REQUESTS = 64
+# paramiko plans one request per 255 KiB of the size it is told up front; a window keeps that plan small.
+WINDOW_BYTES = PREFETCH_REQUESTS * REQUEST_BYTES
+LISTING_READ_AHEADS = 16
 MAX_GLOB_FOLDERS = 10_000
+
+
+def listing(client: paramiko.SFTPClient, folder: str) -> Iterator[paramiko.SFTPAttributes]:
+    """The entries of a remote folder as they arrive, each name checked (paramiko drops `.` and `..`)."""
+    try:
+        for attrs in client.listdir_iter(folder, read_aheads=LISTING_READ_AHEADS):
+            check_name(attrs.filename, f"remote folder {folder}")
+            yield attrs
+    except UnicodeDecodeError as exc:
+        raise PermanentError(f"remote folder {folder} lists a name that is not UTF-8 "
+                             f"({exc.object[max(exc.start - 20, 0) : exc.end + 20]!r}); it cannot be landed "
+                             "under a checked name") from None  # fmt: skip
 
 
 def makedirs(client: paramiko.SFTPClient, folder: str) -> None:
@@ -44,7 +66,7 @@ def makedirs(client: paramiko.SFTPClient, folder: str) -> None:
 
 
 def rmtree(client: paramiko.SFTPClient, folder: str) -> None:
-    for entry in client.listdir_attr(folder):
+    for entry in list(listing(client, folder)):
         path = join_remote(folder, entry.filename)
         if statmod.S_ISDIR(entry.st_mode or 0):
             rmtree(client, path)
@@ -68,13 +90,13 @@ def match(client: paramiko.SFTPClient, folder: str, parts: list[str], budget: li
         raise PermanentError(f"glob under {folder} visits more than {MAX_GLOB_FOLDERS} folders; narrow the pattern")
     head, rest = parts[0], parts[1:]
     try:
-        listing = client.listdir_attr(folder)
+        entries = list(listing(client, folder))
     except FileNotFoundError:
         return []
     found: list[RemoteEntry] = []
     if head == "**" and rest:
         found += match(client, folder, rest, budget)
-    for attrs in sorted(listing, key=lambda a: a.filename):
+    for attrs in sorted(entries, key=lambda a: a.filename):
         name = attrs.filename
         if name.startswith(".") and not head.startswith("."):
             continue
@@ -93,18 +115,36 @@ def match(client: paramiko.SFTPClient, folder: str, parts: list[str], budget: li
     return found
 
 
-def walk(client: paramiko.SFTPClient, origin: str, relative: str = "") -> list[tuple[str, int]]:
-    """(relative path, size) of every regular file below `origin`; folders with size -1."""
+def walk(client: paramiko.SFTPClient, origin: str, limits: TreeLimits) -> list[tuple[str, int]]:
+    """(relative path, size) of every regular file below `origin`, folders with size -1, in sorted order.
+
+    The whole tree is listed and checked before anything is downloaded: a bad name, a symlink or special
+    file (never followed or read), or a tree deeper or bigger than `limits` fails the pull at once.
+    """
     out: list[tuple[str, int]] = []
-    listing = client.listdir_attr(join_remote(origin, relative) if relative else origin)
-    for attrs in sorted(listing, key=lambda a: a.filename):
-        path = posixpath.join(relative, attrs.filename) if relative else attrs.filename
-        if statmod.S_ISDIR(attrs.st_mode or 0):
-            out.append((path, -1))
-            out += walk(client, origin, path)
-        elif statmod.S_ISREG(attrs.st_mode or 0):
-            out.append((path, attrs.st_size or 0))
-    return out
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        folder = join_remote(origin, relative) if relative else origin
+        entries: list[paramiko.SFTPAttributes] = []
+        for attrs in listing(client, folder):
+            entries.append(attrs)
+            limits.check(f"{relative}/{attrs.filename}" if relative else attrs.filename, len(out) + len(entries),
+                         f"remote {origin}")  # fmt: skip
+        folders = []
+        for attrs in sorted(entries, key=lambda a: a.filename):
+            path = f"{relative}/{attrs.filename}" if relative else attrs.filename
+            mode = attrs.st_mode
+            if mode is not None and statmod.S_ISDIR(mode):
+                out.append((path, -1))
+                folders.append(path)
+            elif mode is not None and statmod.S_ISREG(mode):
+                out.append((path, attrs.st_size or 0))
+            else:
+                raise PermanentError(f"remote {join_remote(origin, path)} is {describe_mode(mode)}; only regular "
+                                     "files and folders are pulled, and a symlink is never followed")  # fmt: skip
+        pending += reversed(folders)
+    return sorted(out)
 
 
 def local_tree(source: Path) -> list[tuple[str, Path | None]]:
@@ -118,39 +158,52 @@ def local_tree(source: Path) -> list[tuple[str, Path | None]]:
     return out
 
 
+def read_range(stream: paramiko.SFTPFile, start: int, end: int) -> Iterator[bytes]:
+    """The bytes of an open remote file from `start` to `end` (or its end, if sooner), pipelined.
+
+    paramiko's prefetch plans one request per 255 KiB of the size it is given, and buffers what comes
+    back; the size is the server's word, so it is given one window at a time and memory stays near
+    `WINDOW_BYTES` whatever size the server claims.
+    """
+    stream.MAX_REQUEST_SIZE = REQUEST_BYTES
+    stream.seek(start)
+    done = start
+    while done < end:
+        window_end = min(end, done + WINDOW_BYTES)
+        stream.prefetch(window_end, PREFETCH_REQUESTS)
+        while done < window_end:
+            chunk = stream.read(min(CHUNK_BYTES, window_end - done))
+            if not chunk:
+                return
+            yield chunk
+            done += len(chunk)
+
+
 def read_back_sha256(client: paramiko.SFTPClient, path: str, length: int | None) -> str:
     """sha256 of the first `length` bytes (all when None) of a remote file, read with pipelined requests."""
     hasher = hashlib.sha256()
     with client.open(path, "rb") as stream:
-        stream.MAX_REQUEST_SIZE = REQUEST_BYTES
         size = (stream.stat().st_size or 0) if length is None else length
-        if size:
-            stream.prefetch(size, PREFETCH_REQUESTS)
-        left = size
-        while left and (chunk := stream.read(min(CHUNK_BYTES, left))):
+        for chunk in read_range(stream, 0, size):
             hasher.update(chunk)
-            left -= len(chunk)
     return hasher.hexdigest()
 
 
-def fetch(client: paramiko.SFTPClient, remote: str, local: Path, size: int, progress: Callable[[int], None]) -> None:
-    """Download `remote` to `local`, continuing a partial `local` (ours, written in order); fsynced."""
-    offset = local.stat().st_size if local.exists() else 0
+def fetch(
+    client: paramiko.SFTPClient, remote: str, writer: BinaryIO, offset: int, size: int, progress: Callable[[int], None]
+) -> None:
+    """Download `remote` into `writer`, which holds its first `offset` bytes from an earlier attempt; fsynced."""
     if offset > size:
         offset = 0
-    with open(local, "r+b" if offset else "wb") as writer, client.open(remote, "rb") as reader:
-        writer.seek(offset)
-        writer.truncate()
-        reader.MAX_REQUEST_SIZE = REQUEST_BYTES
-        reader.seek(offset)
-        if size > offset:
-            reader.prefetch(size, PREFETCH_REQUESTS)
-        done = offset
-        while done < size and (chunk := reader.read(min(CHUNK_BYTES, size - done))):
+    writer.seek(offset)
+    writer.truncate()
+    done = offset
+    with client.open(remote, "rb") as reader:
+        for chunk in read_range(reader, offset, size):
             writer.write(chunk)
             done += len(chunk)
             progress(done)
-        writer.flush()
-        os.fsync(writer.fileno())
+    writer.flush()
+    os.fsync(writer.fileno())
     if done != size:
         raise TransientError(f"remote {remote} ended at {done} of {size} bytes")
