@@ -6,7 +6,7 @@ import importlib
 import sys
 import traceback
 
-MODULES = ("core", "sftp", "s3", "encode", "redact")
+MODULES = ("core", "sftp", "s3", "encode", "redact", "hostile")
 
 
 def main() -> int:

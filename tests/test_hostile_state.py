@@ -67,14 +67,16 @@ def drop_bytes(inbox: Path, name: bytes, data: bytes) -> None:
 def echo_tool(tmp_path: Path) -> Path:
     """Fails with the item's name and content on stderr: producer text in the error message."""
     tool = tmp_path / "echo_fail.py"
-    tool.write_text(textwrap.dedent("""\
+    tool.write_text(
+        textwrap.dedent("""\
         import os, sys
         payload = os.environ["SPOOLD_PAYLOAD"]
         with open(payload, "rb") as stream:
             data = stream.read()
         sys.stderr.buffer.write(b"cannot take " + os.fsencode(os.environ["SPOOLD_ITEM"]) + b": " + data + b"\\n")
         sys.exit(0 if os.path.exists(os.path.join(os.path.dirname(__file__), "fixed")) else 1)
-        """))
+        """)
+    )
     return tool
 
 
@@ -279,8 +281,13 @@ def test_retry_does_not_signal_a_forged_pid(
     failed_item_with_stopped_daemon(spool, daemon, config)
     if forgery == "producer-process":
         # Looks like the daemon by its command line, but runs as the producer: a producer could start this.
-        victim = victims(["/usr/bin/python3", "-c", "import signal; signal.pause()", "spoold", "run", "-c",
-                          str(config)], user=producer.pw_uid, group=producer.pw_gid, extra_groups=[], cwd="/")
+        victim = victims(
+            ["/usr/bin/python3", "-c", "import signal; signal.pause()", "spoold", "run", "-c", str(config)],
+            user=producer.pw_uid,
+            group=producer.pw_gid,
+            extra_groups=[],
+            cwd="/",
+        )
         assert Path(f"/proc/{victim.pid}").stat().st_uid == producer.pw_uid
         forge_health(spool, victim.pid)
     else:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 from spoold import __version__
 from spoold.daemon.config import EMBEDDED_DEFAULT, Config, load_config
@@ -24,6 +28,10 @@ EX_USAGE = 64
 EX_NOINPUT = 66
 EX_CANTCREAT = 73
 EX_CONFIG = 78
+# health.json is a few hundred bytes; a bigger one is not the daemon's.
+HEALTH_BYTES = 1 << 20
+
+log = logging.getLogger("spoold.cli")
 
 
 class CliError(Exception):
@@ -108,16 +116,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from spoold import statusview
 
+    # statusview escapes what items hold; a character the terminal's encoding lacks becomes an escape, not a crash.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     config = load_config(args.config)
     queues = _pick_queues(config, args.queue)
     if args.item:
+        if "/" in args.item or args.item in (".", ".."):
+            raise CliError(f"no item {statusview.shown(args.item)!r}: an item name is one path component", EX_USAGE)
         path = config.spool / args.queue / "status" / f"{args.item}.json"
 
         def render_item() -> str:
             document = read_json(path)
             if document is None:
-                raise CliError(f"no item {args.item!r} in queue {args.queue!r} ({path} does not exist)", EX_NOINPUT)
-            return json.dumps(document, indent=2) if args.json else statusview.render_item(document)
+                raise CliError(f"no item {statusview.shown(args.item)!r} in queue {args.queue!r} "
+                               f"({statusview.shown(path)} does not exist)", EX_NOINPUT)  # fmt: skip
+            # ensure_ascii: control characters and surrogate-escaped bytes leave as \uXXXX, never raw.
+            return json.dumps(document, indent=2, ensure_ascii=True) if args.json else statusview.render_item(document)
 
         if args.watch:
             statusview.watch(render_item)
@@ -127,7 +142,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     def render() -> str:
         data = statusview.summary(config.spool, queues)
         if args.json:
-            return json.dumps(data, indent=2)
+            return json.dumps(data, indent=2, ensure_ascii=True)
         return statusview.render_table(data, is_all=args.all or bool(args.queue))
 
     if args.watch:
@@ -169,12 +184,129 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def _nudge_daemon(config: Config) -> None:
-    """Ask a running daemon to look at work/ now rather than at its next rescan."""
-    health = read_json(config.spool / "health.json")
-    pid = health.get("pid") if health else None
-    if isinstance(pid, int):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
+    """Ask the spool's running daemon to look at work/ now rather than at its next rescan.
+
+    health.json names the pid, but `spoold retry` often runs as root, so a forged health.json must not make it
+    signal another process: the pid is signalled only when health.json is the daemon's (owned by the spool
+    root's owner or root, writable by no one else) and the process is that user's `spoold run` on this spool.
+    Otherwise nothing is sent, quietly: the daemon finds the item at its next rescan anyway.
+    """
+    try:
+        pid, pidfd = _open_spool_daemon(config)
+    except _NotTheDaemon as exc:
+        log.debug("not signalling the daemon: %s", exc)
+        return
+    try:
+        if pidfd is None:
             os.kill(pid, signal.SIGUSR1)
+        else:
+            # Through the pidfd, so a daemon that exited after the checks is not replaced by a reused pid.
+            signal.pidfd_send_signal(pidfd, signal.SIGUSR1)
+    except (ProcessLookupError, PermissionError) as exc:
+        log.debug("not signalling the daemon: %s", exc)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+class _NotTheDaemon(Exception):
+    """Raised when health.json's pid is not known to be this spool's daemon."""
+
+
+def _open_spool_daemon(config: Config) -> tuple[int, int | None]:
+    """The daemon's pid and a pidfd for it (None where the kernel has none), once it passed every check."""
+    try:
+        owners = {os.stat(config.spool).st_uid, 0}
+        health = _read_daemon_json(config.spool / "health.json", owners)
+    except (OSError, ValueError, RecursionError) as exc:
+        raise _NotTheDaemon(f"health.json: {exc}") from None
+    pid = health.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 31 or pid == os.getpid():
+        raise _NotTheDaemon(f"health.json names no usable pid ({pid!r})")
+    fd = None
+    with contextlib.suppress(AttributeError, OSError):
+        fd = os.pidfd_open(pid)  # before the checks: whatever they read, the signal goes to this process
+    try:
+        _check_daemon_process(pid, owners, config)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    return pid, fd
+
+
+def _read_daemon_json(path: Path, owners: set[int]) -> dict[str, Any]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_uid not in owners:
+            raise ValueError(f"owned by uid {info.st_uid}, not by the daemon's user")
+        if info.st_mode & 0o022:
+            raise ValueError(f"writable by others (mode {stat.S_IMODE(info.st_mode):o})")
+        data = os.read(fd, HEALTH_BYTES)
+    finally:
+        os.close(fd)
+    document = json.loads(data)
+    if not isinstance(document, dict):
+        raise ValueError("not a JSON object")
+    return document
+
+
+def _check_daemon_process(pid: int, owners: set[int], config: Config) -> None:
+    proc = Path(f"/proc/{pid}")
+    try:
+        uids = {int(u) for line in (proc / "status").read_text().splitlines() if line.startswith("Uid:")
+                for u in line.split()[1:]}  # fmt: skip
+        argv = [os.fsdecode(a) for a in (proc / "cmdline").read_bytes().split(b"\0")[:-1]]
+    except (OSError, ValueError) as exc:
+        raise _NotTheDaemon(f"cannot inspect pid {pid}: {exc}") from None
+    if not uids or not uids <= owners:
+        raise _NotTheDaemon(f"pid {pid} runs as uid {sorted(uids)}, not as the spool's owner or root")
+    run_at = _spoold_run_index(argv)
+    if run_at is None:
+        raise _NotTheDaemon(f"pid {pid} is not `spoold run`")
+    if not _runs_this_spool(proc, argv[run_at + 1 :], config):
+        raise _NotTheDaemon(f"pid {pid} runs another spool")
+
+
+def _spoold_run_index(argv: list[str]) -> int | None:
+    """Where `run` follows the program in `python -m spoold run`, `python /usr/bin/spoold run`, `spoold run`."""
+    if not argv or not (Path(argv[0]).name.startswith("python") or Path(argv[0]).name == "spoold"):
+        return None
+    for index, word in enumerate(argv[:-1]):
+        if Path(word).name == "spoold" and argv[index + 1] == "run":
+            return index + 1
+    return None
+
+
+def _runs_this_spool(proc: Path, options: list[str], config: Config) -> bool:
+    """False only when the process's config clearly names another spool; True when that cannot be told cheaply."""
+    given: str | None = None
+    for index, word in enumerate(options):
+        if word in ("-c", "--config") and index + 1 < len(options):
+            given = options[index + 1]
+        elif word.startswith("--config="):
+            given = word.partition("=")[2]
+        elif word.startswith("-c") and len(word) > 2:
+            given = word[2:]
+    try:
+        cwd = Path(os.readlink(proc / "cwd"))
+    except OSError:
+        return True
+    path = cwd / given if given else None
+    with contextlib.suppress(OSError):
+        if path is not None and os.path.samefile(path, config.source):
+            return True
+    try:
+        spool = cwd / load_config(path).spool
+    except (ConfigError, OSError):
+        return True
+    try:
+        return os.path.samefile(spool, config.spool)
+    except OSError:
+        return False
 
 
 def cmd_init(args: argparse.Namespace) -> int:

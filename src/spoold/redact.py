@@ -1,8 +1,8 @@
 """Keeping secrets out of logs, sidecars, health and metrics.
 
 Every secret spoold reads (password files, credentials, keys) is registered
-here, and all text that leaves the daemon (log records, sidecar and health
-documents, status output) passes through `redact()`, which masks each
+here, and text that leaves the daemon (log records, the error messages kept in
+sidecars, health and status output) passes through `redact()`, which masks each
 registered secret and the usual shapes of secrets. The secret value becomes
 `***`; the key name, URL scheme, user and host are kept so the text stays
 readable:
@@ -27,7 +27,8 @@ readable:
 - `Bearer <token>` anywhere.
 - URL userinfo passwords: `scheme://user:***@host/...`; the userinfo ends
   at the last `@` before the first `/` (or space) after `://`, so passwords
-  holding `@` or `:` are masked whole.
+  holding `@` or `:` are masked whole (one holding a raw `"` or `\\`, which
+  are not URL characters, is not recognised).
 - PEM private keys (`-----BEGIN ... PRIVATE KEY-----` ... `-----END ...`,
   PGP `PRIVATE KEY BLOCK` too): the body; without an END line, the body up
   to the next `-----`, quote or the end of the text.
@@ -36,8 +37,8 @@ Values: an unquoted value ends at white space, `&` (query strings), a double
 quote or a JSON escape such as `\\n`; a quoted value ends at its closing quote
 or the end of the line, so `password="correct horse battery"` is masked whole.
 When the key itself is quoted (`"token": 5`, `'secret': None`), only a
-quoted value is masked. Redacting a JSON document (the sidecar does
-`redact(json.dumps(doc))`) leaves valid JSON: no mask ever swallows a string's
+quoted value is masked. Redacting a JSON document (`redact(json.dumps(doc))`,
+as health.json is written) leaves valid JSON: no mask ever swallows a string's
 closing quote or half of an escape. One consequence: in plain text, an
 unquoted `Authorization:` value holding a double quote (HTTP Digest) is
 masked only up to that quote.
@@ -47,8 +48,10 @@ one pass of one compiled pattern for the shapes above (no nested or
 overlapping unbounded quantifiers, possessive runs where a run must not be
 given back), plus, when secrets are registered, one pass of one compiled
 alternation of the known values (longest first), rebuilt only when a new
-secret is registered. `redact(redact(x)) == redact(x)`. `bench/redact.py`
-measures it.
+secret is registered, and skipped when a few `in` tests show none of them is
+there (the common case). A registered secret is any value of 4 characters or
+more, masked as written and in its JSON-escaped form. `redact(redact(x)) ==
+redact(x)`. `bench/redact.py` measures it.
 """
 
 from __future__ import annotations
@@ -70,9 +73,9 @@ _known_forms: tuple[str, ...] = ()
 # ---- the shapes of secrets ---------------------------------------------------------------------------------------
 # One pattern, matched against the lowercased text (same length, same offsets): every top-level alternative starts
 # with a different literal character, so the regex engine skips the characters that cannot start a match without
-# entering it, and tries one alternative at those that can (IGNORECASE would disable that: 3x slower). Every
-# alternative captures exactly one group, the value to mask, and it is the last group the match closes: the text of
-# the match before and after `m.lastindex` is kept.
+# entering it, and tries one alternative at those that can (IGNORECASE would disable that: ~10x slower). In every
+# match exactly one group takes part, the value to mask, and it is the last group the match closes: the text of the
+# match before and after `m.lastindex` is kept.
 
 _NOT_PEM = r"(?!-----begin )"  # a PEM block as a value is left to the PEM alternative, which masks all of it
 _QUOTED = (

@@ -8,6 +8,7 @@ mask the kernel queue overflowed (16,384 events) from about 50k files/s.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,7 +66,7 @@ class _Forwarder(FileSystemEventHandler):
         path = event.dest_path if isinstance(event, (FileMovedEvent, DirMovedEvent)) else event.src_path
         # A created event may be a file still being written (or one moved in from outside the tree): not landed.
         is_landed = isinstance(event, (FileClosedEvent, FileMovedEvent))
-        self.notify(Path(path if isinstance(path, str) else path.decode()), is_landed)
+        self.notify(Path(os.fsdecode(path)), is_landed)
 
 
 class _OverflowDetector(logging.Handler):

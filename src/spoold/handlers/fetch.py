@@ -12,7 +12,14 @@ interval on a helper thread while downloading, for cameras that sleep
 otherwise), `timeout` (read timeout), `connect_timeout`, `retries` (drops
 survived in a row without progress before the step gives up for the queue's
 retry policy), `min_free` (free bytes to keep beyond the announced size, at
-least the config's `min_free`; below it the step waits instead of filling the disk).
+least the config's `min_free`; below it the step waits instead of filling the disk),
+`allow_redirects_to` (host names a redirect may lead to besides the URL's own host).
+
+The server is untrusted: a name comes from the request or the URL's last segment
+(decoded, then checked like an inbox name), never from `Content-Disposition`;
+redirects go only to http(s) on the URL's host (never https to http) or to an
+allowed host; bodies stream to disk, stop one byte past the request's `size`
+or at `min_free`, and a keep-alive reply is read to at most 64 KiB.
 
 Downloads resume with HTTP Range after a drop (exponential backoff); a server
 that ignores Range restarts the file from zero. Per-file state is kept in the
@@ -40,10 +47,14 @@ from spoold.errors import ChecksumMismatch, PermanentError, TransientError
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.options import Bytes, Seconds
 from spoold.transports.base import redact_url
+from spoold.transports.local import check_component, part_name
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REDIRECTS = 5
 _BACKOFF_MAX_SECONDS = 30.0
+# A keep-alive reply is thrown away; a server that streams one forever must not hold the thread or memory.
+_KEEPALIVE_BODY_BYTES = 64 << 10
+_SPACE_CHECK_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +71,15 @@ class FetchOptions:
     connect_timeout: Seconds = Seconds(10)
     retries: int = 6
     min_free: Bytes = Bytes(0)
+    allow_redirects_to: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for host in self.allow_redirects_to:
+            if not host or any(c in host for c in "/@ ") or host.count(":") == 1:
+                raise ValueError(f"allow_redirects_to: {host!r} must be a bare host name (no scheme, port or path)")
+
+    def redirect_hosts(self) -> frozenset[str]:
+        return frozenset(h.strip("[]").lower() for h in self.allow_redirects_to)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +92,10 @@ class FileSpec:
 
 class FileMissing(PermanentError):
     """Raised when the server says a listed file does not exist (404/410)."""
+
+
+class OutOfSpace(TransientError):
+    """Raised when a download stops because free space fell below `min_free`."""
 
 
 class Fetch(Handler[FetchOptions]):
@@ -93,7 +117,8 @@ class Fetch(Handler[FetchOptions]):
             raise PermanentError("the request's 'fields' must be an object")
         states: dict[str, dict[str, Any]] = ctx.checkpoint.data.setdefault("files", {})
         total = sum(f.size or 0 for f in files)
-        keepalive = _KeepAlive(self.options.keepalive, ctx) if self.options.keepalive else None
+        keepalive = (_KeepAlive(self.options.keepalive, ctx, self.options.allow_redirects_to)
+                     if self.options.keepalive else None)  # fmt: skip
         try:
             for spec in files:
                 state = states.setdefault(spec.name, {"state": "pending", "bytes": 0})
@@ -118,7 +143,7 @@ class Fetch(Handler[FetchOptions]):
     def _one_file(self, ctx: StepContext, spec: FileSpec, state: dict[str, Any], fields: dict[str, Any],
                   files: list[FileSpec], total: int) -> None:  # fmt: skip
         final = ctx.item_dir / spec.name
-        part = ctx.item_dir / f".{spec.name}.part"
+        part = ctx.item_dir / part_name(spec.name, ".part")
         states = ctx.checkpoint.data["files"]
 
         def report(done: int) -> None:
@@ -181,8 +206,12 @@ def _parse_request(ctx: StepContext) -> list[FileSpec]:
         url = entry["url"]
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise PermanentError(f"files[{index}]: only http:// and https:// URLs can be fetched")
-        name = entry.get("name") or os.path.basename(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
-        if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or name == ctx.item:
+        # The last segment is cut out before decoding, so `..%2F..%2Fx` is checked as the `../../x` it means.
+        name = entry.get("name") or urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+        if not isinstance(name, str):
+            raise PermanentError(f"files[{index}]: the name must be a string")
+        check_component(name, f"files[{index}] ({redact_url(url)})")
+        if name.startswith(".") or name == ctx.item:
             raise PermanentError(f"files[{index}]: {name!r} is not a usable file name")
         size, sha256 = entry.get("size"), entry.get("sha256")
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
@@ -197,6 +226,8 @@ def _parse_request(ctx: StepContext) -> list[FileSpec]:
 
 def _verify(path: Path, spec: FileSpec) -> str | None:
     size = path.stat().st_size
+    if spec.size is not None and size > spec.size:
+        return f"the server sent more than the {spec.size} bytes the request says"
     if spec.size is not None and size != spec.size:
         return f"got {size} bytes, the request says {spec.size}"
     if spec.sha256 and (actual := hash_file(path, ["sha256"])["sha256"]) != spec.sha256:
@@ -205,7 +236,8 @@ def _verify(path: Path, spec: FileSpec) -> str | None:
 
 
 def _open(url: str, options: FetchOptions, headers: dict[str, str]) -> tuple[http.client.HTTPConnection, Any]:
-    """GET `url` with separate connect and read timeouts, following a few redirects."""
+    """GET `url` with separate connect and read timeouts, following a few redirects that `_follow` allows."""
+    origin = url
     for _ in range(_REDIRECTS + 1):
         parts = urllib.parse.urlsplit(url)
         cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
@@ -220,11 +252,27 @@ def _open(url: str, options: FetchOptions, headers: dict[str, str]) -> tuple[htt
             conn.close()
             raise
         if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
-            url = urllib.parse.urljoin(url, response.getheader("Location") or "")
             conn.close()
+            url = _follow(origin, url, response.getheader("Location") or "", options.redirect_hosts())
             continue
         return conn, response
     raise PermanentError(f"too many redirects for {redact_url(url)}")
+
+
+def _follow(origin: str, current: str, location: str, allowed: frozenset[str]) -> str:
+    """Where a redirect from `current` leads, if it may be followed: http(s), same host as `origin` or allowed."""
+    target = urllib.parse.urljoin(current, location)
+    parts, now = urllib.parse.urlsplit(target), urllib.parse.urlsplit(current)
+    host, home = (parts.hostname or "").lower(), (urllib.parse.urlsplit(origin).hostname or "").lower()
+    shown = f"{redact_url(origin)} redirects to {redact_url(target)}"
+    if parts.scheme not in ("http", "https") or not host:
+        raise PermanentError(f"{shown}: only http:// and https:// redirects are followed")
+    if now.scheme == "https" and parts.scheme == "http":
+        raise PermanentError(f"{shown}: a redirect from https to plain http is never followed")
+    if host != home and host not in allowed:
+        raise PermanentError(f"{shown}: another host ({host}) is not followed unless the step allows it "
+                             f"(allow_redirects_to: [{host}])")  # fmt: skip
+    return target
 
 
 class _Download:
@@ -242,6 +290,8 @@ class _Download:
                 if self._attempt(before):
                     return
                 problem = "the connection closed early"
+            except OutOfSpace:
+                raise
             except (OSError, http.client.HTTPException, TransientError) as exc:
                 problem = str(exc) or type(exc).__name__
             after = self.part.stat().st_size if self.part.exists() else 0
@@ -278,46 +328,65 @@ class _Download:
             expected = offset + int(length) if length and length.isdigit() else None
             self._receive(response, offset)
             done = self.part.stat().st_size
+            if self.spec.size is not None and done > self.spec.size:
+                return True  # more than the request says: verification names it, no point in resuming
             return expected is None or done >= expected
         finally:
             conn.close()
 
     def _receive(self, response: Any, offset: int) -> None:
         last_report = 0.0
+        # The server's Content-Length is not trusted: one byte past the request's size is enough to know.
+        cap = None if self.spec.size is None else self.spec.size + 1
         with open(self.part, "r+b" if offset else "wb") as stream:
             stream.seek(offset)
             stream.truncate()
-            done = offset
-            while chunk := response.read1(CHUNK_BYTES):  # read1: what has arrived, so progress moves
+            done, checked = offset, offset
+            while (want := CHUNK_BYTES if cap is None else min(CHUNK_BYTES, cap - done)) > 0 and (
+                chunk := response.read1(want)  # read1: what has arrived, so progress moves
+            ):
                 stream.write(chunk)
                 done += len(chunk)
                 if time.monotonic() - last_report >= 0.5:
                     stream.flush()
                     self.report(done)
                     last_report = time.monotonic()
+                if done - checked >= _SPACE_CHECK_BYTES:
+                    checked = done
+                    self._check_space(done)
                 self.ctx.check_stop()
             stream.flush()
             os.fsync(stream.fileno())
         self.report(done)
 
+    def _check_space(self, done: int) -> None:
+        """A body with no announced size (or a lying one) must not fill the disk past `min_free`."""
+        floor = max(int(self.options.min_free), self.ctx.min_free_bytes)
+        if floor and (free := self.ctx.free_bytes()) < floor:
+            raise OutOfSpace(f"{self.spec.name}: free space fell to {free} bytes (below min_free) after "
+                             f"{done} bytes; the download goes on later")  # fmt: skip
+
 
 class _KeepAlive:
     """A GET to `url` every `interval` on a helper thread, so the camera does not sleep mid-download."""
 
-    def __init__(self, options: KeepAlive, ctx: StepContext) -> None:
-        self.options, self.ctx = options, ctx
+    def __init__(self, options: KeepAlive, ctx: StepContext, allowed: list[str]) -> None:
+        self.options, self.ctx, self.allowed = options, ctx, allowed
         self.pings = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fetch-keepalive", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        timeout = FetchOptions(into="", timeout=Seconds(5), connect_timeout=Seconds(5))
+        timeout = FetchOptions(into="", timeout=Seconds(5), connect_timeout=Seconds(5),
+                               allow_redirects_to=self.allowed)  # fmt: skip
         while not self._stop.is_set():
             try:
                 conn, response = _open(self.options.url, timeout, {})
-                response.read()
-                conn.close()
+                try:
+                    response.read(_KEEPALIVE_BODY_BYTES)
+                finally:
+                    conn.close()
                 self.pings += 1
             except (OSError, http.client.HTTPException, PermanentError) as exc:
                 self.ctx.log.debug("keep-alive %s failed: %s", redact_url(self.options.url), exc)

@@ -2,8 +2,18 @@
 
 Options: `from` (URL template of a remote file or folder), `to` (`file:///local/folder/`
 where it lands under its own name, or `queue:NAME` to make it a new item of
-that queue with this item's fields), and the connection options `identity`,
-`password_file`, `credential`, `known_hosts`, `host_key`, `connect_timeout`.
+that queue with this item's fields), `limits` (`{depth: 32, files: 100000}`:
+how many levels below the root and how many files and folders a pulled tree
+may hold; the defaults are those of a queue's `limits`), and the connection
+options `identity`, `password_file`, `credential`, `known_hosts`, `host_key`,
+`connect_timeout`.
+
+The server is untrusted (SPEC section 10): its whole listing is checked
+before anything is downloaded, and a name that is not one path component
+(empty, `.`, `..`, a `/`, a NUL, over 255 bytes, not UTF-8), a symlink or
+special file below the root (never followed or read), or a tree past
+`limits` fails the step permanently, naming the entry. Files land through
+descriptors under the landing folder, never through a link found there.
 
 Side effects: the download is written under `.<name>.spoold.part` and renamed
 into place when complete, so whoever watches the target sees only whole trees;
@@ -14,12 +24,15 @@ the item's work folder and handed over exactly once.
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from spoold.errors import PermanentError
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.transports.base import ConnectionOptions, TransferContext, parse_url, redact_url
+from spoold.transports.local import TreeLimits
 
 QUEUE_PREFIX = "queue:"
 
@@ -28,6 +41,7 @@ QUEUE_PREFIX = "queue:"
 class PullOptions(ConnectionOptions):
     from_: str = dataclasses.field(metadata={"key": "from"})
     to: str
+    limits: TreeLimits = TreeLimits()
 
     def __post_init__(self) -> None:
         if "://" not in self.from_:
@@ -55,7 +69,9 @@ class Pull(Handler[PullOptions]):
         if result is None:
             # For a queue the tree lands in this item's folder, so the handover links it under its own name.
             folder = ctx.item_dir if queue else Path(parse_url(ctx.render(self.options.to)).path)
-            transport = ctx.transport(source, self.options.connection_settings())
+            settings = {**self.options.connection_settings(), "max_depth": self.options.limits.depth,
+                        "max_files": self.options.limits.files}  # fmt: skip
+            transport = ctx.transport(source, settings)
             transfer = TransferContext(
                 progress=ctx.progress,
                 checkpoint=ctx.checkpoint.data.setdefault("transfer", {}),
@@ -77,6 +93,12 @@ class Pull(Handler[PullOptions]):
 
 
 def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return path.stat().st_size
+    """Bytes of the regular files at or below `path`, never following a link."""
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            info = os.lstat(os.path.join(root, name))
+            total += info.st_size if stat.S_ISREG(info.st_mode) else 0
+    return total

@@ -12,6 +12,10 @@ Works with `sftp://` and `file://`.
 Side effects: none but the item's fields. A far-side `failed` fails this item
 permanently with the far side's error; a timeout fails it permanently. A lost
 connection while polling is logged and polling goes on until the timeout.
+
+The far side is untrusted: a glob match becomes `found` only if every name
+below the pattern's fixed folder is one path component (like an inbox name),
+else the step fails naming it; a sidecar is read to at most 1 MiB.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from spoold.errors import PermanentError, TransientError
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.options import Seconds
 from spoold.transports.base import ConnectionOptions, RemoteEntry, Transport, parse_url, redact_url
+from spoold.transports.local import check_component
+
+SIDECAR_BYTES = 1 << 20
 
 SidecarState = Literal["queued", "running", "waiting", "retrying", "done", "failed"]
 
@@ -86,9 +94,12 @@ class Wait(Handler[WaitOptions]):
         entry = transport.stat(path)
         if entry is None or entry.is_dir:
             return None
+        data = transport.read_bytes(path, SIDECAR_BYTES + 1)
+        if len(data) > SIDECAR_BYTES:
+            raise PermanentError(f"{shown} is larger than {SIDECAR_BYTES} bytes; it is not a spoold sidecar")
         try:
-            doc = json.loads(transport.read_bytes(path))
-        except ValueError:
+            doc = json.loads(data)
+        except (ValueError, RecursionError):
             return None  # written atomically, so this is not a sidecar yet; poll again
         if not isinstance(doc, dict):
             raise PermanentError(f"{shown} is not a spoold sidecar (not a JSON object)")
@@ -125,6 +136,7 @@ def _found(transport: Transport, path: str, shown: str) -> StepResult | None:
         if not matches:
             return None
         newest: RemoteEntry = max(matches, key=lambda e: (e.mtime, e.path))
+        _check_match(path, newest.path, shown)
     else:
         entry = transport.stat(path)
         if entry is None:
@@ -134,3 +146,17 @@ def _found(transport: Transport, path: str, shown: str) -> StepResult | None:
     url = str(parse_url(shown).with_path(newest.path)) if "://" in shown else newest.path
     fields = {"found": newest.path, "found_url": url}
     return StepResult(result={"found": newest.path, "matches": len(matches), "url": url}, fields=fields)
+
+
+def _check_match(pattern: str, found: str, shown: str) -> None:
+    """Refuse a match whose names below the pattern's fixed folder are not each one path component."""
+    parts = pattern.split("/")
+    literal = "/".join(parts[: next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))])
+    raw = f"{literal}/" if literal or pattern.startswith("/") else ""
+    # SFTP joins names onto a tidied folder (`/a//b` -> `/a/b`); S3 keys keep the pattern's own spelling.
+    tidy = str(PurePosixPath(literal)).rstrip("/") + "/" if literal else raw
+    prefix = next((p for p in (raw, tidy) if found.startswith(p)), None)
+    if prefix is None:
+        raise PermanentError(f"wait for {shown}: the match {found!r} is not below {literal or '/'}")
+    for name in found[len(prefix) :].split("/"):
+        check_component(name, f"wait for {shown}: the match {found!r}")

@@ -8,7 +8,7 @@ shipped are skipped, as by the other transports; a pulled folder holding one
 is refused.
 
 Also here, because every transport and handler that lands untrusted names
-needs them without importing paramiko or boto3: `check_name` (a name from a
+needs them without importing paramiko or boto3: `check_component` (a name from a
 remote listing, URL or header must be one path component, like an inbox name)
 and `Landing` (a local folder that receives a remote tree and lets nothing out).
 """
@@ -23,7 +23,7 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,7 +35,6 @@ from spoold.transports.base import Delivered, RemoteEntry, TransferContext, Tran
 PART_SUFFIX = ".spoold.part"
 OLD_SUFFIX = ".spoold.old"
 MAX_NAME_BYTES = 255
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -48,27 +47,31 @@ def name_problem(name: str) -> str | None:
     if not name:
         return "is empty"
     if name in (".", ".."):
-        return "is . or .."
+        return "names a folder itself or its parent"
     if "/" in name:
         return "holds a /"
     if "\x00" in name:
         return "holds a NUL byte"
-    if len(os.fsencode(name)) > MAX_NAME_BYTES:
-        return f"is {len(os.fsencode(name))} bytes long, more than {MAX_NAME_BYTES}"
+    try:
+        size = len(os.fsencode(name))
+    except UnicodeEncodeError:
+        return "is not valid text (a lone surrogate)"
+    if size > MAX_NAME_BYTES:
+        return f"is {size} bytes long, more than {MAX_NAME_BYTES}"
     return None
 
 
 def shown_name(name: str) -> str:
     """`name` quoted for a message, cut short when long (a 300-byte name must not flood a sidecar)."""
-    return repr(name) if len(name) <= 80 else repr(name[:60]) + "…"
+    return repr(name) if len(name) <= 160 else repr(name[:60]) + "…"
 
 
-def check_name(name: str, where: str) -> str:
+def check_component(name: str, where: str) -> str:
     """`name` when it is one safe path component; else a PermanentError naming it and `where` it came from."""
     problem = name_problem(name)
     if problem:
-        raise PermanentError(f"{where}: the name {shown_name(name)} {problem}; a name from a remote server must "
-                             "be a single path component, so nothing lands outside its folder")  # fmt: skip
+        raise PermanentError(f"{where}: the name {shown_name(name)} {problem}; a name must be a single path "
+                             "component, so nothing lands outside its folder")  # fmt: skip
     return name
 
 
@@ -116,111 +119,6 @@ class TreeLimits:
         if count > self.files:
             raise PermanentError(f"{root} holds more than {self.files} files and folders (limits.files); "
                                  "nothing was pulled")  # fmt: skip
-
-
-class Landing:
-    """A local folder that receives a tree from an untrusted server; nothing written through it lands outside.
-
-    Paths are lists of checked names, opened one component at a time below the
-    folder's descriptor with O_NOFOLLOW, and files are created with O_EXCL: a
-    symlink planted at any name inside (a partial download, a target) is refused,
-    never followed. The folder itself is the operator's, so a link there is theirs.
-    """
-
-    def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.root = root
-        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-    def __enter__(self) -> Landing:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
-
-    @contextlib.contextmanager
-    def _refusing(self, parts: Sequence[str]) -> Iterator[None]:
-        try:
-            yield
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EEXIST):
-                raise PermanentError(f"{self.root / '/'.join(parts)}: a symlink or another file is in the way "
-                                     "inside the landing folder; it is never followed or written through") from None
-            raise
-
-    def _folder(self, parts: Sequence[str]) -> int:
-        """A descriptor of the folder at `parts`, made where missing; the caller closes it."""
-        fd = os.dup(self.fd)
-        try:
-            for index, part in enumerate(parts):
-                check_name(part, f"landing in {self.root}")
-                with self._refusing(parts[: index + 1]):
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(part, 0o777, dir_fd=fd)
-                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def makedirs(self, parts: Sequence[str]) -> None:
-        os.close(self._folder(parts))
-
-    def open_file(self, parts: Sequence[str]) -> tuple[BinaryIO, int]:
-        """(writer, bytes it already holds) for the file at `parts`, kept from an earlier attempt or made new."""
-        parent = self._folder(parts[:-1])
-        try:
-            name = check_name(parts[-1], f"landing in {self.root}")
-            with self._refusing(parts):
-                try:
-                    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-                except FileNotFoundError:
-                    fd = os.open(name, _CREATE_FLAGS, 0o666, dir_fd=parent)
-        finally:
-            os.close(parent)
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            os.close(fd)
-            raise PermanentError(f"{self.root / '/'.join(parts)} is {describe_mode(info.st_mode)}; not written")
-        return os.fdopen(fd, "wb"), info.st_size
-
-    def publish(self, tmp: str, final: str) -> Path:
-        """Rename `tmp` to `final` in the folder; an earlier folder at `final` (a re-run) is replaced whole."""
-        where = self.root / final
-        existing = _lstat(final, self.fd)
-        is_tree = stat.S_ISDIR(os.stat(tmp, dir_fd=self.fd, follow_symlinks=False).st_mode)
-        if existing is not None and stat.S_ISDIR(existing.st_mode):
-            if not is_tree:
-                raise PermanentError(f"{where} is a folder; a pulled file does not replace it")
-            old = part_name(final, OLD_SUFFIX)
-            _remove_at(old, self.fd)
-            os.rename(final, old, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-            os.rename(tmp, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-            _remove_at(old, self.fd)
-        elif existing is not None and is_tree:
-            raise PermanentError(f"{where} exists and is {describe_mode(existing.st_mode)}; a pulled folder does "
-                                 "not replace it, and a symlink there is never followed")  # fmt: skip
-        else:
-            os.replace(tmp, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)  # replaces a link itself, never its target
-        os.fsync(self.fd)
-        return where
-
-
-def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
-def _remove_at(name: str, dir_fd: int) -> None:
-    info = _lstat(name, dir_fd)
-    if info is not None and stat.S_ISDIR(info.st_mode):
-        shutil.rmtree(name, dir_fd=dir_fd)
-    elif info is not None:
-        os.unlink(name, dir_fd=dir_fd)
 
 
 def _remove(path: Path) -> None:
@@ -332,7 +230,7 @@ class LocalTransport(Transport):
         origin = named.resolve()
         if not origin.exists():
             raise PermanentError(f"{source} does not exist")
-        destination = target / check_name(named.name, f"pull from {source}")
+        destination = target / check_component(named.name, f"pull from {source}")
         if origin.is_dir():
             check_local_tree(origin, TreeLimits.from_settings(self.settings))
             self.put_tree(origin, str(destination), {}, ctx)

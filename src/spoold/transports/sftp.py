@@ -14,7 +14,6 @@ import contextlib
 import errno
 import hashlib
 import logging
-import os
 import posixpath
 import re
 import shlex
@@ -28,10 +27,11 @@ import paramiko
 
 from spoold.errors import ChecksumMismatch, PermanentError, SpooldError, TransientError
 from spoold.transports.base import Delivered, RemoteEntry, TransferContext, Transport, join_remote
-from spoold.transports.local import Landing, TreeLimits, check_name, describe_mode, part_name
+from spoold.transports.local import TreeLimits, check_component, describe_mode, part_name
 from spoold.transports.sftp_tree import (
     CHUNK_BYTES,
     REQUEST_BYTES,
+    Landing,
     entry,
     fetch,
     has_magic,
@@ -339,7 +339,7 @@ class SftpTransport(Transport):
         """
         client = self._client()
         origin = source.rstrip("/") or "/"
-        name = check_name(posixpath.basename(origin), f"pull from {self.url.host}:{origin}")
+        name = check_component(posixpath.basename(origin), f"pull from {self.url.host}:{origin}")
         tmp = part_name(name, PART_SUFFIX)
         limits = TreeLimits.from_settings(self.settings)
         with self._mapped(f"download {self.url.host}:{origin}"):

@@ -11,12 +11,15 @@ claims never sizes a buffer: files are read a bounded window at a time.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
 import hashlib
 import os
 import posixpath
+import shutil
 import stat as statmod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,7 +27,7 @@ import paramiko
 
 from spoold.errors import PermanentError, TransientError
 from spoold.transports.base import RemoteEntry, join_remote
-from spoold.transports.local import TreeLimits, check_name, describe_mode
+from spoold.transports.local import OLD_SUFFIX, TreeLimits, check_component, describe_mode, part_name
 
 # OpenSSH's sftp-server takes reads and writes up to 255 KiB; paramiko's default is 32 KiB.
 REQUEST_BYTES = 255 * 1024
@@ -34,13 +37,15 @@ PREFETCH_REQUESTS = 64
 WINDOW_BYTES = PREFETCH_REQUESTS * REQUEST_BYTES
 LISTING_READ_AHEADS = 16
 MAX_GLOB_FOLDERS = 10_000
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def listing(client: paramiko.SFTPClient, folder: str) -> Iterator[paramiko.SFTPAttributes]:
     """The entries of a remote folder as they arrive, each name checked (paramiko drops `.` and `..`)."""
     try:
         for attrs in client.listdir_iter(folder, read_aheads=LISTING_READ_AHEADS):
-            check_name(attrs.filename, f"remote folder {folder}")
+            check_component(attrs.filename, f"remote folder {folder}")
             yield attrs
     except UnicodeDecodeError as exc:
         raise PermanentError(f"remote folder {folder} lists a name that is not UTF-8 "
@@ -207,3 +212,111 @@ def fetch(
     os.fsync(writer.fileno())
     if done != size:
         raise TransientError(f"remote {remote} ended at {done} of {size} bytes")
+
+
+# -- the local side of a pull --------------------------------------------------------------------
+
+
+class Landing:
+    """A local folder that receives a tree from an untrusted server; nothing written through it lands outside.
+
+    Paths are lists of checked names, opened one component at a time below the
+    folder's descriptor with O_NOFOLLOW, and files are created with O_EXCL: a
+    symlink planted at any name inside (a partial download, a target) is refused,
+    never followed. The folder itself is the operator's, so a link there is theirs.
+    """
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def __enter__(self) -> Landing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    @contextlib.contextmanager
+    def _refusing(self, parts: Sequence[str]) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EEXIST):
+                raise PermanentError(f"{self.root / '/'.join(parts)}: a symlink or another file is in the way "
+                                     "inside the landing folder; it is never followed or written through") from None  # fmt: skip
+            raise
+
+    def _folder(self, parts: Sequence[str]) -> int:
+        """A descriptor of the folder at `parts`, made where missing; the caller closes it."""
+        fd = os.dup(self.fd)
+        try:
+            for index, part in enumerate(parts):
+                check_component(part, f"landing in {self.root}")
+                with self._refusing(parts[: index + 1]):
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o777, dir_fd=fd)
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def makedirs(self, parts: Sequence[str]) -> None:
+        os.close(self._folder(parts))
+
+    def open_file(self, parts: Sequence[str]) -> tuple[BinaryIO, int]:
+        """(writer, bytes it already holds) for the file at `parts`, kept from an earlier attempt or made new."""
+        parent = self._folder(parts[:-1])
+        try:
+            name = check_component(parts[-1], f"landing in {self.root}")
+            with self._refusing(parts):
+                try:
+                    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+                except FileNotFoundError:
+                    fd = os.open(name, _CREATE_FLAGS, 0o666, dir_fd=parent)
+        finally:
+            os.close(parent)
+        info = os.fstat(fd)
+        if not statmod.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise PermanentError(f"{self.root / '/'.join(parts)} is {describe_mode(info.st_mode)}; not written")
+        return os.fdopen(fd, "wb"), info.st_size
+
+    def publish(self, tmp: str, final: str) -> Path:
+        """Rename `tmp` to `final` in the folder; an earlier folder at `final` (a re-run) is replaced whole."""
+        where = self.root / final
+        existing = _lstat(final, self.fd)
+        is_tree = statmod.S_ISDIR(os.stat(tmp, dir_fd=self.fd, follow_symlinks=False).st_mode)
+        if existing is not None and statmod.S_ISDIR(existing.st_mode):
+            if not is_tree:
+                raise PermanentError(f"{where} is a folder; a pulled file does not replace it")
+            old = part_name(final, OLD_SUFFIX)
+            _remove_at(old, self.fd)
+            os.rename(final, old, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            os.rename(tmp, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            _remove_at(old, self.fd)
+        elif existing is not None and is_tree:
+            raise PermanentError(f"{where} exists and is {describe_mode(existing.st_mode)}; a pulled folder does "
+                                 "not replace it, and a symlink there is never followed")  # fmt: skip
+        else:
+            os.replace(tmp, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)  # replaces a link itself, never its target
+        os.fsync(self.fd)
+        return where
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _remove_at(name: str, dir_fd: int) -> None:
+    info = _lstat(name, dir_fd)
+    if info is not None and statmod.S_ISDIR(info.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    elif info is not None:
+        os.unlink(name, dir_fd=dir_fd)
