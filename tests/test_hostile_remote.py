@@ -22,6 +22,7 @@ import pytest
 
 from spoold.errors import PermanentError
 from spoold.transports.local import check_component, part_name
+from spoold.transports.sftp_tree import Landing
 from tests.conftest import DaemonProcess, read_sidecar, sidecar_state, wait_for
 from tests.evil_servers import CONTENT, EvilSftpServer, EvilTree, folder, regular, symlink
 
@@ -231,6 +232,40 @@ def test_wait_bounds_a_far_sidecar(tmp_path: Path, spool: Path, daemon: Start, w
     assert run.process.poll() is None
 
 
+@pytest.mark.parametrize("kind", ["symlink", "deep"])
+def test_pull_from_a_local_folder_is_checked_too(kind: str, tmp_path: Path, spool: Path, daemon: Start,
+                                                 write_config: WriteConfig) -> None:  # fmt: skip
+    canaries = plant_canaries(tmp_path)
+    source = tmp_path / "source" / "run"
+    source.mkdir(parents=True)
+    (source / "ok.txt").write_text("ok")
+    if kind == "symlink":
+        (source / "secret").symlink_to(tmp_path / "escape")
+    else:
+        (source / "/".join(["d"] * 3)).mkdir(parents=True)
+    step = {"from": f"file://{source}/", "to": f"file://{tmp_path}/landing/", "limits": {"depth": 2}}
+    run = daemon(write_config(json.dumps({"spool": "{spool}", "queues": {
+        "local": {"items": "requests", "settle": "0s", "chain": [{"pull": step}]}}})))  # fmt: skip
+    drop(spool, "local", "l.json", {})
+    doc = wait_for(sidecar_state(spool, "local", "l", "failed"), 30, "refused")
+    assert ("is a symlink" if kind == "symlink" else "more than 2 levels") in doc["error"]["message"], doc["error"]
+    assert not (tmp_path / "landing").exists() or not any((tmp_path / "landing").rglob("secret"))
+    assert_canaries(canaries)
+    assert run.process.poll() is None
+
+
+def test_landing_replaces_an_earlier_pull_whole(tmp_path: Path) -> None:
+    for content in (b"first", b"second"):
+        with Landing(tmp_path / "landing") as landing:
+            writer, offset = landing.open_file([".run.spoold.part", "sub", "f.bin"])
+            with writer:
+                assert offset == 0
+                writer.write(content)
+            landing.publish(".run.spoold.part", "run")
+    assert sorted(p.name for p in (tmp_path / "landing").iterdir()) == ["run"]
+    assert (tmp_path / "landing" / "run" / "sub" / "f.bin").read_bytes() == b"second"
+
+
 def test_names_are_single_components() -> None:
     for good in ["a", "model.safetensors", ".hidden", "x" * 255, "é" * 127]:
         assert check_component(good, "test") == good
@@ -361,7 +396,8 @@ def fetch_config(write_config: WriteConfig, here: EvilHttp) -> Path:
 
 def fetched(spool: Path, name: str) -> bytes:
     wait_for(sidecar_state(spool, "chapters", name, "done"), 30, f"{name} fetched")
-    return (spool / "chapters" / "done" / name).read_bytes()
+    done = spool / "chapters" / "done" / name
+    return (done / name if done.is_dir() else done).read_bytes()
 
 
 def check_fetch_goes_on(spool: Path, here: EvilHttp, run: DaemonProcess) -> None:

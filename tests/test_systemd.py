@@ -264,5 +264,5 @@ def test_units_contract() -> None:
         assert line in text, line
     assert "%i.yaml" in (REPO / "systemd" / "spoold@.service").read_text()
     assert "spoold" in (REPO / "systemd" / "spoold.sysusers").read_text()
-    assert "/var/spool/spoold 2770" in (REPO / "systemd" / "spoold.tmpfiles").read_text()
+    assert "/var/spool/spoold 2750" in (REPO / "systemd" / "spoold.tmpfiles").read_text()
     assert os.access(REPO / "systemd", os.R_OK)

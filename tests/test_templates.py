@@ -11,6 +11,7 @@ import pytest
 
 from spoold.daemon.context import ItemContext, ItemEnv
 from spoold.errors import PermanentError, TemplateError
+from spoold.handlers.exec import Exec, ExecOptions
 from spoold.templates import (
     BUILTIN_NAMES,
     render,
@@ -21,7 +22,7 @@ from spoold.templates import (
     shadowed_builtins,
     template_fields,
 )
-from spoold.transports.base import check_name, join_name, parse_url
+from spoold.transports.base import check_name, format_url, join_name, parse_url
 
 # Names a producer may choose (any bytes but `/` and NUL): each must land as itself, or be refused.
 HOSTILE_NAMES = [
@@ -187,6 +188,9 @@ def test_url_literal_text_is_kept_and_fields_fill_it() -> None:
         "file:///x/s1/CAM_L/recording.mp4"
     )
     assert render_url("s3://b/{n:03d}.bin", {"n": 5}) == "s3://b/005.bin"
+    assert parse_url(render_url("file:///d/{{x}}/{y}", {"y": "a#b"})).path == "/d/{x}/a#b"
+    with pytest.raises(TemplateError, match="escape"):
+        render_url("file:///d/{{x}}/{y}", {"y": "%2e%2e"})
     with pytest.raises(TemplateError, match="does not fit"):
         render_url("s3://b/{n:03d}.bin", {"n": "five"})
     with pytest.raises(TemplateError, match="needs field 'missing'"):
@@ -254,3 +258,22 @@ def test_render_text_is_verbatim() -> None:
         template_fields("{unclosed")
     with pytest.raises(TemplateError, match="plain name"):
         render_text("{a.__class__}", {"a": 1})
+
+
+@pytest.mark.parametrize("path", ["/a%41b", "/a#1", "/k/a?1", "/caf\u00e9 x", "/x%2e%2e%2fy", "/a%"])
+def test_format_url_round_trips(path: str) -> None:
+    for url in ("sftp://u@h:2222/", "s3://bucket/", "file:///"):
+        parsed = parse_url(url).with_path(path)
+        assert parse_url(format_url(parsed)) == parsed
+    local = parse_url("file:///").with_path("localhost/x")
+    assert parse_url(format_url(local)).path == "./localhost/x"
+
+
+def test_exec_options_and_captured_fields() -> None:
+    with pytest.raises(ValueError, match="variable name"):
+        ExecOptions(argv=["true"], env={"A-B": "x"})
+    with pytest.raises(ValueError, match=r"write \$HOME"):
+        ExecOptions(argv=["true"], env={"X": "${HOME}"})
+    assert Exec._captured_fields('chatter\n{"model_dir": "/m"}\n') == {"model_dir": "/m"}
+    with pytest.raises(PermanentError, match="shadow a built-in"):
+        Exec._captured_fields('{"path": "/etc/shadow", "ok": 1}')

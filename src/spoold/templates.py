@@ -164,7 +164,11 @@ def render_url(template: str, values: Mapping[str, Any], *, glob: bool = False) 
     bytes (file, sftp) or a key of at most 1024 bytes (s3), and stays inside the literal base.
     """
     chunks = _chunks(template)
-    base = chunks[0][0] if chunks else ""
+    base = ""  # the literal text before the first field
+    for literal, name, _spec in chunks:
+        base += literal
+        if name is not None:
+            break
     scheme_match = _URL_SCHEME.match(base)
     if scheme_match is None:
         raise TemplateError(f"URL template {template!r} must begin with its scheme written out (file://, sftp://, "

@@ -33,7 +33,7 @@ from typing import Any
 from spoold.errors import Interrupted, PermanentError, TransientError
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.options import Seconds
-from spoold.templates import render_arg, render_text
+from spoold.templates import render_arg, render_text, shadowed_builtins
 
 EX_TEMPFAIL = 75
 OUTPUT_TAIL_BYTES = 4000
@@ -44,6 +44,7 @@ INHERITED = ("LC_ALL", "TZ")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # An `env` value that is exactly `$NAME` passes the daemon's variable NAME on (`$$...` is a literal `$...`).
 _IMPORT = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)$")
+_BRACED_IMPORT = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,11 @@ class ExecOptions:
         bad = [name for name in self.env if not _ENV_NAME.match(name)]
         if bad:
             raise ValueError(f"env: {bad[0]!r} is not a variable name (letters, digits and _, not first a digit)")
+        for name, value in self.env.items():
+            braced = _BRACED_IMPORT.match(value)
+            if braced:
+                raise ValueError(f"env: {name}: write ${braced.group(1)} to pass the daemon's variable on "
+                                 "(braces are templates here)")  # fmt: skip
 
 
 class Exec(Handler[ExecOptions]):
@@ -132,6 +138,10 @@ class Exec(Handler[ExecOptions]):
             raise PermanentError(f"capture_fields: the last line of output is not JSON: {lines[-1][:200]!r}") from None
         if not isinstance(value, dict):
             raise PermanentError("capture_fields: the last line of output must be a JSON object")
+        shadowing = shadowed_builtins(value)
+        if shadowing:
+            raise PermanentError(f"capture_fields: the program printed {', '.join(map(repr, shadowing))}, which "
+                                 "name built-in template values; a field may not shadow a built-in")  # fmt: skip
         return value
 
 

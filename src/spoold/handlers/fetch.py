@@ -137,7 +137,8 @@ class Fetch(Handler[FetchOptions]):
             raise PermanentError(f"not found on the server: {', '.join(missing)}"
                                  + (f"; checksum mismatch: {', '.join(bad)}" if bad else ""))  # fmt: skip
         if bad:
-            raise ChecksumMismatch(f"downloaded files do not match their size or sha256: {', '.join(bad)}")
+            reasons = "; ".join(f"{n} ({states[n].get('error')})" for n in bad)
+            raise ChecksumMismatch(f"downloaded files do not match their size or sha256: {reasons}")
         return StepResult(result=result)
 
     def _one_file(self, ctx: StepContext, spec: FileSpec, state: dict[str, Any], fields: dict[str, Any],
@@ -266,7 +267,7 @@ def _follow(origin: str, current: str, location: str, allowed: frozenset[str]) -
     host, home = (parts.hostname or "").lower(), (urllib.parse.urlsplit(origin).hostname or "").lower()
     shown = f"{redact_url(origin)} redirects to {redact_url(target)}"
     if parts.scheme not in ("http", "https") or not host:
-        raise PermanentError(f"{shown}: only http:// and https:// redirects are followed")
+        raise PermanentError(f"only http:// and https:// redirects are followed, and {shown}")
     if now.scheme == "https" and parts.scheme == "http":
         raise PermanentError(f"{shown}: a redirect from https to plain http is never followed")
     if host != home and host not in allowed:

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from spoold.errors import PermanentError
 from spoold.options import Seconds
@@ -120,6 +120,22 @@ def parse_url(url: str) -> ParsedUrl:
         raise PermanentError(f"URL has no host: {shown!r}")
     path = check_decoded_path(unquote(raw_path, errors="surrogateescape") or "/", shown)
     return ParsedUrl(scheme, parts.hostname, port, unquote(parts.username or ""), path)
+
+
+def format_url(url: ParsedUrl) -> str:
+    """`url` as text that `parse_url` reads back to the same parts: its path percent-escaped.
+
+    `str(url)` is for people and shows the path as it is; a URL made for a field or a later
+    template (such as `wait`'s `found_url`) must come from here, so a `%41`, `#` or `?` in a
+    remote name is not decoded or cut off when it is parsed again.
+    """
+    path = quote(url.path, safe="/", errors="surrogateescape")
+    if url.scheme == "file":
+        return f"file://{'./' if path.startswith('localhost/') else ''}{path}"
+    user = f"{quote(url.user, safe='')}@" if url.user else ""
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    port = f":{url.port}" if url.port else ""
+    return f"{url.scheme}://{user}{host}{port}{path}"
 
 
 def redact_url(url: str) -> str:

@@ -243,8 +243,9 @@ class Landing:
             yield
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EEXIST):
-                raise PermanentError(f"{self.root / '/'.join(parts)}: a symlink or another file is in the way "
-                                     "inside the landing folder; it is never followed or written through") from None  # fmt: skip
+                where = self.root / "/".join(parts)
+                raise PermanentError(f"{where}: a symlink or another file is in the way inside the landing "
+                                     "folder; it is never followed or written through") from None  # fmt: skip
             raise
 
     def _folder(self, parts: Sequence[str]) -> int:
