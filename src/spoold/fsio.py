@@ -89,7 +89,12 @@ def read_small_file(path: Path, limit: int) -> bytes:
     Opened without following a symlink and without blocking (a FIFO or a device is refused, never read),
     and read through the descriptor, so what is checked is what is read. Raises OSError or `UnsafeFile`.
     """
-    fd = os.open(path, _READ_FLAGS)
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile("is a symlink, which is never followed") from None
+        raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

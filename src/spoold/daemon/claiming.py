@@ -45,10 +45,11 @@ def claim(config: Config, queue: Queue, folders: QueueFolders, arrival: Arrival)
     if rejection is None and arrival.marker:
         marker_fields, problem = read_json_object(folders.inbox / arrival.marker, limits.marker_bytes)
         fields, rejection = marker_fields or {}, problem and f"ready marker {problem}"
-    if rejection is None and queue.spec.items == "requests" and arrival.marker is None:
-        kind = "request"
-        request, problem = read_json_object(folders.inbox / arrival.entry, limits.request_bytes)
-        fields, rejection = request or {}, problem
+    if queue.spec.items == "requests" and arrival.marker is None:
+        kind = "request"  # named as a request even when rejected: `req.json` is item `req`
+        if rejection is None:
+            request, problem = read_json_object(folders.inbox / arrival.entry, limits.request_bytes)
+            fields, rejection = request or {}, problem
     if kind == "file" and _is_real_dir(folders.inbox / arrival.entry):
         kind = "bundle"
     name = folders.claim(arrival.entry, item_name_for(arrival.entry, kind), keep_entry_name=(kind == "request"))

@@ -86,9 +86,9 @@ class NodeStatus:
 
 def write_health(status: NodeStatus, health_path: Path, metrics_path: Path) -> None:
     text = redact(json.dumps(status.health_document(), indent=2, ensure_ascii=False, default=str))
-    write_bytes_atomic(health_path, text.encode() + b"\n", mode=0o644)
+    write_bytes_atomic(health_path, text.encode() + b"\n")
     # The textfile collector reads *.prom whole; write it by rename too.
-    write_bytes_atomic(metrics_path, status.metrics_text().encode(), mode=0o644)
+    write_bytes_atomic(metrics_path, status.metrics_text().encode())
 
 
 def _gib(n: int) -> str:

@@ -110,9 +110,11 @@ class Server:
 
     def _watch(self, book: QueueBook) -> None:
         spec = book.queue.spec
-        # Settling watches inside bundles; so does a first step that reads frames while they land.
-        recursive = spec.items == "bundles" and (spec.ready == "settle" or book.queue.starts_early)
-        self.watcher.watch(book.folders.inbox, recursive=recursive)
+        # A first step that reads frames while they land needs events from inside the bundle. Settling needs
+        # only to see the folder appear: intake compares the whole tree's signature every settle period, and
+        # a recursive watch would make the watcher walk whatever tree a producer drops (1,000 levels deep).
+        self.watcher.watch(book.folders.inbox, recursive=book.queue.starts_early,
+                           creates=spec.items == "bundles" and spec.ready == "settle")  # fmt: skip
 
     # ---- main loop ---------------------------------------------------------------------------------------------
 

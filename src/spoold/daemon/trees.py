@@ -5,8 +5,12 @@ twice, no symlink ever), within the queue's `limits` on depth and entry count.
 Anything else anywhere inside it (a symlink, a FIFO, a socket, a device), a
 file its dropper could not read (a hard link to a root-only file), or a tree
 beyond the limits rejects the item, naming the path. When the daemon runs as
-root it takes the item over (owner root, no group or other write), so nobody,
-not even through a descriptor opened before the claim, changes it afterwards.
+root it takes the item over (owner root, no group or other write), so its
+dropper cannot reach into it by path after the claim. Inodes shared with other
+paths (hard links) are never changed: a hard link to another user's file
+rejects the item. A descriptor the producer opened before the claim cannot be
+revoked; shipping verifies the destination against the checksum, so content
+changed that way fails verification rather than going out unnoticed.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def _check(top: Path, limits: Limits, *, take_over: bool) -> None:
         if stat.S_ISREG(info.st_mode):
             if info.st_nlink > 1 and owner in (0, os.geteuid()) and not info.st_mode & stat.S_IROTH:
                 raise Rejected("it is a hard link to a file that only its owner may read")
-            _take_over(fd, info, take_over)
+            _take_over(fd, info, take_over and info.st_nlink == 1)
             return
         if not stat.S_ISDIR(info.st_mode):
             raise Rejected(f"{describe_type(info.st_mode)} is never followed or read")
@@ -85,7 +89,9 @@ def _walk(root_fd: int, owner: int, limits: Limits, take_over: bool) -> None:
                 _take_over(child, info, take_over)
             elif stat.S_ISREG(info.st_mode):
                 _require_readable(owner, info, path, stat.S_IRUSR)
-                if take_over:
+                if info.st_nlink > 1 and info.st_uid != owner and owner not in (0, os.geteuid()):
+                    raise Rejected(f"{path} is a hard link to a file of another user (uid {info.st_uid})")
+                if take_over and info.st_nlink == 1:
                     file_fd = _open_same(fd, entry.name, info, _FILE_FLAGS, path)
                     try:
                         _take_over(file_fd, info, take_over)

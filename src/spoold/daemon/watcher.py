@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyEmitter
-from watchdog.observers.inotify_c import InotifyConstants, InotifyFD, Mask
+from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD, Mask
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +33,51 @@ log = logging.getLogger(__name__)
 EVENT_FILTER: list[type[FileSystemEvent]] = [FileClosedEvent, FileMovedEvent, DirMovedEvent, FileCreatedEvent,
                                              DirCreatedEvent]  # fmt: skip
 _OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
+# watchdog warns, with the whole watch table in the message, whenever a recursive watch re-adds a folder it
+# already watches (a bundle renamed within the inbox): harmless, and megabytes of log for a deep tree.
+warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
+
+
+class _WithCreates(FileSystemEvent):
+    """Never raised: its presence in a watch's event filter asks the kernel for IN_CREATE too."""
 
 
 class _CompletionEmitter(InotifyEmitter):
-    """Subscribes the kernel to close-after-write and moves only (plus creates where recursion needs them)."""
+    """Subscribes the kernel to close-after-write and moves only (plus creates where a watch needs them)."""
 
     def get_event_mask_from_filter(self) -> Mask:
         # IN_MOVED_TO only: each claim renames an entry out of the inbox, and watchdog holds an unpaired
         # IN_MOVED_FROM for 0.5 s at the head of its queue, which delayed every later arrival by up to 0.5 s.
         mask = InotifyConstants.IN_CLOSE_WRITE | InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_DELETE_SELF
-        if self.watch.is_recursive:
+        if self.watch.is_recursive or (self._event_filter and _WithCreates in self._event_filter):
             mask |= InotifyConstants.IN_CREATE
         return Mask(mask)
 
 
+class _GuardedInotifyFD(InotifyFD):
+    """watchdog walks a folder moved into a recursive watch with os.walk, which recurses: a producer's
+    1,000-level folder raised RecursionError in the one thread that reads every inbox's events, and
+    every inbox went deaf. Such an error now costs that event; a rescan finds what it missed."""
+
+    on_lost: Callable[[], None] = staticmethod(lambda: None)
+
+    def handle_event(self, event: InotifyEvent) -> None:
+        try:
+            super().handle_event(event)
+        except (RecursionError, OSError) as exc:
+            log.error("an inbox event could not be followed (%s); rescanning", type(exc).__name__)
+            self.on_lost()
+
+
 class _CompletionObserver(BaseObserver):
     def __init__(self) -> None:
-        self._inotify_fd = InotifyFD()
+        self._inotify_fd = _GuardedInotifyFD()
         self._inotify_fd.start()
         super().__init__(_CompletionEmitter, inotify_fd=self._inotify_fd)
+
+    @property
+    def inotify_fd(self) -> _GuardedInotifyFD:
+        return self._inotify_fd
 
     def on_thread_stop(self) -> None:
         super().on_thread_stop()
@@ -89,14 +116,17 @@ class InboxWatcher:
 
     def __init__(self, notify: Callable[[Path, bool], None], on_overflow: Callable[[], None]) -> None:
         self._observer = _CompletionObserver()
+        self._observer.inotify_fd.on_lost = on_overflow
         self._forwarder = _Forwarder(notify)
         self._overflow = _OverflowDetector(on_overflow)
         self._watches: dict[Path, ObservedWatch] = {}
 
-    def watch(self, inbox: Path, *, recursive: bool) -> None:
+    def watch(self, inbox: Path, *, recursive: bool = False, creates: bool = False) -> None:
+        """Watch `inbox`; `creates` also reports entries created in it (a folder a producer fills in place)."""
         if inbox not in self._watches:
+            event_filter = [*EVENT_FILTER, _WithCreates] if creates else EVENT_FILTER
             self._watches[inbox] = self._observer.schedule(self._forwarder, str(inbox), recursive=recursive,
-                                                           event_filter=EVENT_FILTER)  # fmt: skip
+                                                           event_filter=event_filter)  # fmt: skip
 
     def unwatch(self, inbox: Path) -> None:
         watch = self._watches.pop(inbox, None)

@@ -46,8 +46,8 @@ from spoold.digest import CHUNK_BYTES, hash_file
 from spoold.errors import ChecksumMismatch, PermanentError, TransientError
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.options import Bytes, Seconds
-from spoold.transports.base import redact_url
-from spoold.transports.local import check_component, part_name
+from spoold.transports.base import check_component, redact_url
+from spoold.transports.local import part_name
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REDIRECTS = 5

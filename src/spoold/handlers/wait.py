@@ -29,8 +29,16 @@ from typing import Any, Literal
 from spoold.errors import PermanentError, TransientError
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.options import Seconds
-from spoold.transports.base import ConnectionOptions, RemoteEntry, Transport, parse_url, redact_url
-from spoold.transports.local import check_component
+from spoold.templates import render_url
+from spoold.transports.base import (
+    ConnectionOptions,
+    RemoteEntry,
+    Transport,
+    check_component,
+    format_url,
+    parse_url,
+    redact_url,
+)
 
 SIDECAR_BYTES = 1 << 20
 
@@ -60,7 +68,11 @@ class Wait(Handler[WaitOptions]):
     Options = WaitOptions
 
     def run(self, ctx: StepContext) -> StepResult:
-        url = ctx.render(self.options.path or self.options.sidecar or "")
+        if self.options.path:
+            # A value's `*?[` match only themselves, so a name cannot widen the glob.
+            url = render_url(self.options.path, ctx.template_values(), glob=True)
+        else:
+            url = ctx.render(self.options.sidecar or "")
         parsed = parse_url(url)
         shown = redact_url(url)
         # Wall-clock start in the checkpoint: a restarted daemon keeps counting from the first poll.
@@ -143,7 +155,7 @@ def _found(transport: Transport, path: str, shown: str) -> StepResult | None:
             return None
         newest = entry
         matches = [entry]
-    url = str(parse_url(shown).with_path(newest.path)) if "://" in shown else newest.path
+    url = format_url(parse_url(shown).with_path(newest.path)) if "://" in shown else newest.path
     fields = {"found": newest.path, "found_url": url}
     return StepResult(result={"found": newest.path, "matches": len(matches), "url": url}, fields=fields)
 

@@ -19,6 +19,9 @@ from urllib.parse import quote, unquote, urlsplit
 from spoold.errors import PermanentError
 from spoold.options import Seconds
 
+# A file or folder name on Linux and over SFTP.
+MAX_NAME_BYTES = 255
+
 
 @dataclasses.dataclass(frozen=True)
 class ParsedUrl:
@@ -164,6 +167,39 @@ def join_remote(folder: str, name: str) -> str:
     return str(PurePosixPath(folder) / name)
 
 
+def name_problem(name: str) -> str | None:
+    """Why `name` is not one safe path component (the rules for inbox names), or None."""
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return "names a folder itself or its parent"
+    if "/" in name:
+        return "holds a /"
+    if "\x00" in name:
+        return "holds a NUL byte"
+    try:
+        size = len(os.fsencode(name))
+    except UnicodeEncodeError:
+        return "is not valid text (a lone surrogate)"
+    if size > MAX_NAME_BYTES:
+        return f"is {size} bytes long, more than {MAX_NAME_BYTES}"
+    return None
+
+
+def shown_name(name: str) -> str:
+    """`name` quoted for a message, cut short when long (a 300-byte name must not flood a sidecar)."""
+    return repr(name) if len(name) <= 160 else repr(name[:60]) + "…"
+
+
+def check_component(name: str, where: str) -> str:
+    """`name` when it is one safe path component; else a PermanentError naming it and `where` it came from."""
+    problem = name_problem(name)
+    if problem:
+        raise PermanentError(f"{where}: the name {shown_name(name)} {problem}; a name must be a single path "
+                             "component, so nothing lands outside its folder")  # fmt: skip
+    return name
+
+
 def check_name(name: str, scheme: str = "file") -> str:
     """Return `name` if it is one safe path component for a `scheme://` destination, else PermanentError.
 
@@ -171,8 +207,8 @@ def check_name(name: str, scheme: str = "file") -> str:
     or a later step that decodes must not find one either); UTF-8 for the remote schemes (S3 keys
     and SFTP paths are UTF-8; a non-UTF-8 name can only go to `file://`).
     """
-    if name in ("", ".", "..") or "/" in name:
-        raise PermanentError(f"{name!r} is not a single file name (it would escape or collapse its folder)")
+    if problem := name_problem(name):
+        raise PermanentError(f"the name {shown_name(name)} {problem}; it must be a single file name")
     if "\x00" in fully_decoded(name):
         raise PermanentError(f"{name!r} holds a NUL byte")
     if has_dotdot(name):

@@ -7,10 +7,9 @@ the destination sees only whole, verified files. Symlinks inside a folder being
 shipped are skipped, as by the other transports; a pulled folder holding one
 is refused.
 
-Also here, because every transport and handler that lands untrusted names
-needs them without importing paramiko or boto3: `check_component` (a name from a
-remote listing, URL or header must be one path component, like an inbox name)
-and `Landing` (a local folder that receives a remote tree and lets nothing out).
+Also here, because every transport that lands a remote tree needs them without
+importing paramiko or boto3: temp names (`part_name`) and the bounds on a pulled
+tree (`TreeLimits`). The rule for one untrusted name is `base.check_component`.
 """
 
 from __future__ import annotations
@@ -29,50 +28,24 @@ from typing import Any, BinaryIO
 
 from spoold.digest import CHUNK_BYTES, MultiHasher, hash_file
 from spoold.errors import ChecksumMismatch, PermanentError, TransientError
-from spoold.fsio import fsync_dir
-from spoold.transports.base import Delivered, RemoteEntry, TransferContext, Transport
+from spoold.fsio import describe_type, fsync_dir
+from spoold.transports.base import (
+    MAX_NAME_BYTES,
+    Delivered,
+    RemoteEntry,
+    TransferContext,
+    Transport,
+    check_component,
+    shown_name,
+)
 
 PART_SUFFIX = ".spoold.part"
 OLD_SUFFIX = ".spoold.old"
-MAX_NAME_BYTES = 255
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 # -- untrusted names ------------------------------------------------------------------------------
-
-
-def name_problem(name: str) -> str | None:
-    """Why `name` is not one safe path component (the rules for inbox names), or None."""
-    if not name:
-        return "is empty"
-    if name in (".", ".."):
-        return "names a folder itself or its parent"
-    if "/" in name:
-        return "holds a /"
-    if "\x00" in name:
-        return "holds a NUL byte"
-    try:
-        size = len(os.fsencode(name))
-    except UnicodeEncodeError:
-        return "is not valid text (a lone surrogate)"
-    if size > MAX_NAME_BYTES:
-        return f"is {size} bytes long, more than {MAX_NAME_BYTES}"
-    return None
-
-
-def shown_name(name: str) -> str:
-    """`name` quoted for a message, cut short when long (a 300-byte name must not flood a sidecar)."""
-    return repr(name) if len(name) <= 160 else repr(name[:60]) + "…"
-
-
-def check_component(name: str, where: str) -> str:
-    """`name` when it is one safe path component; else a PermanentError naming it and `where` it came from."""
-    problem = name_problem(name)
-    if problem:
-        raise PermanentError(f"{where}: the name {shown_name(name)} {problem}; a name must be a single path "
-                             "component, so nothing lands outside its folder")  # fmt: skip
-    return name
 
 
 def part_name(name: str, suffix: str) -> str:
@@ -85,14 +58,7 @@ def part_name(name: str, suffix: str) -> str:
 
 def describe_mode(mode: int | None) -> str:
     """`a symlink`, `a FIFO`, ... for the file type in `mode`."""
-    if mode is None:
-        return "of an unknown type"
-    for test, kind in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder"),
-                       (stat.S_ISREG, "a file")):  # fmt: skip
-        if test(mode):
-            return kind
-    return "a special file"
+    return "of an unknown type" if mode is None else describe_type(mode)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,8 +26,8 @@ from typing import Any
 import paramiko
 
 from spoold.errors import ChecksumMismatch, PermanentError, SpooldError, TransientError
-from spoold.transports.base import Delivered, RemoteEntry, TransferContext, Transport, join_remote
-from spoold.transports.local import TreeLimits, check_component, describe_mode, part_name
+from spoold.transports.base import Delivered, RemoteEntry, TransferContext, Transport, check_component, join_remote
+from spoold.transports.local import TreeLimits, describe_mode, part_name
 from spoold.transports.sftp_tree import (
     CHUNK_BYTES,
     REQUEST_BYTES,

@@ -26,8 +26,8 @@ from typing import BinaryIO
 import paramiko
 
 from spoold.errors import PermanentError, TransientError
-from spoold.transports.base import RemoteEntry, join_remote
-from spoold.transports.local import OLD_SUFFIX, TreeLimits, check_component, describe_mode, part_name
+from spoold.transports.base import RemoteEntry, check_component, join_remote
+from spoold.transports.local import OLD_SUFFIX, TreeLimits, describe_mode, part_name
 
 # OpenSSH's sftp-server takes reads and writes up to 255 KiB; paramiko's default is 32 KiB.
 REQUEST_BYTES = 255 * 1024
