@@ -336,3 +336,29 @@ def test_work_folder_replaced_by_a_file(write_config: WriteConfig, spool: Path, 
     wait_alive(process, sidecar_state(spool, "q", "second.txt", "done"), 10, "second.txt done once work/ is back")
     alive(process)
     assert process.stop() == 0
+
+
+def test_a_rejected_non_utf8_name_reaches_health_json_intact(
+    spool: Path, daemon: Start, write_config: WriteConfig
+) -> None:
+    """The newest error in health.json names the item; a name that is not UTF-8 must not stop that write."""
+    process = daemon(write_config("""\
+        spool: {spool}
+        rescan: 1s
+        queues:
+          q:
+            settle: 0s
+            chain: [checksum]
+        """))  # a FIFO made in place sends no close or move event: the rescan finds it
+    raw = b"caf\xe9-\x1b[31m.bin"
+    os.mkfifo(os.path.join(os.fsencode(spool / "q" / "inbox"), raw))
+
+    def health_names_it() -> dict[str, Any] | None:
+        health = json.loads((spool / "health.json").read_text())
+        error = health.get("last_error") or {}
+        return health if error.get("item") == os.fsdecode(raw) else None
+
+    health = wait_for(health_names_it, 15, "health.json naming the rejected item")
+    assert health["last_error"]["type"] == "rejected"
+    assert process.process is not None and process.process.poll() is None
+    assert (spool / "health.json").read_bytes().decode("utf-8")  # still UTF-8 on disk

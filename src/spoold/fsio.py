@@ -70,9 +70,15 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     fsync_dir(path.parent)
 
 
+def encode_json(document: object, *, indent: int | None = 2) -> bytes:
+    """UTF-8 JSON ending in a newline. Text from names that are not UTF-8 (Python's lone surrogates) is
+    written as JSON `\\udcXX` escapes, which read back to the same str: kept reversibly, never a crash."""
+    text = json.dumps(document, indent=indent, ensure_ascii=False, default=str)
+    return text.encode("utf-8", "backslashreplace") + b"\n"
+
+
 def write_json_atomic(path: Path, document: dict[str, Any], mode: int = FILE_MODE) -> None:
-    data = json.dumps(document, indent=2, ensure_ascii=False, default=str).encode() + b"\n"
-    write_bytes_atomic(path, data, mode)
+    write_bytes_atomic(path, encode_json(document), mode)
 
 
 def fsync_dir(folder: Path) -> None:

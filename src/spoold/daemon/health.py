@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from spoold import __version__
 from spoold.daemon.sidecar import STATES
-from spoold.fsio import now_iso, write_bytes_atomic
+from spoold.fsio import encode_json, now_iso, write_bytes_atomic
 from spoold.redact import redact
 
 HEALTH_SCHEMA = "spoold.health/1"
@@ -85,8 +84,7 @@ class NodeStatus:
 
 
 def write_health(status: NodeStatus, health_path: Path, metrics_path: Path) -> None:
-    text = redact(json.dumps(status.health_document(), indent=2, ensure_ascii=False, default=str))
-    write_bytes_atomic(health_path, text.encode() + b"\n")
+    write_bytes_atomic(health_path, redact(encode_json(status.health_document()).decode()).encode())
     # The textfile collector reads *.prom whole; write it by rename too.
     write_bytes_atomic(metrics_path, status.metrics_text().encode())
 

@@ -217,7 +217,7 @@ class Server:
             self._next["watchdog"] = now + (self.notifier.watchdog_interval_seconds or WATCHDOG_FALLBACK_SECONDS)
         if now >= self._next["health"]:
             self._next["health"] = now + HEALTH_INTERVAL_SECONDS
-            self._write_health()
+            self._guarded("writing health.json", self._write_health)
         else:
             self.notifier.status(self.node_status().status_line())
 
@@ -342,7 +342,7 @@ class Server:
                     thread.join()
         self.transports.close()
         self.is_ready = False
-        self._write_health()
+        self._guarded("writing health.json", self._write_health)
         self.notifier.close()
         log.info("spoold stopped")
 

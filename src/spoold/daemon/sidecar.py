@@ -11,14 +11,13 @@ kept reversibly as JSON escapes of Python's surrogates (`\\udcff` for byte 0xff)
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from spoold import __version__
-from spoold.fsio import now_iso, parse_iso, read_json, write_bytes_atomic
+from spoold.fsio import encode_json, now_iso, parse_iso, read_json, write_bytes_atomic
 
 __all__ = ["ACTIVE_STATES", "SCHEMA", "STATES", "Sidecar", "error_record", "now_iso", "parse_iso"]
 
@@ -27,14 +26,6 @@ STATES = ("queued", "running", "waiting", "retrying", "done", "failed")
 ACTIVE_STATES = ("queued", "running", "waiting", "retrying")
 ARRIVING_FLAG = "arriving"
 PROGRESS_WRITE_SECONDS = 1.0
-
-
-def encode_document(document: dict[str, Any]) -> bytes:
-    """UTF-8 JSON; a document holding non-UTF-8 names (lone surrogates) is written with ASCII escapes."""
-    try:
-        return json.dumps(document, indent=2, ensure_ascii=False, default=str).encode() + b"\n"
-    except UnicodeEncodeError:
-        return json.dumps(document, indent=2, ensure_ascii=True, default=str).encode() + b"\n"
 
 
 def is_safe_relative(path: object) -> bool:
@@ -150,7 +141,7 @@ class Sidecar:
     def write(self) -> None:
         with self._lock:
             self.doc["updated"] = now_iso()
-            write_bytes_atomic(self.path, encode_document(self.doc))
+            write_bytes_atomic(self.path, encode_json(self.doc))
 
     def write_progress(self) -> None:
         """Write at most once a second; progress between writes is simply newer next time."""

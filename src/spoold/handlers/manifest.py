@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Literal
 
 from spoold import __version__
 from spoold.errors import PermanentError, TemplateError
-from spoold.fsio import now_iso
+from spoold.fsio import encode_json, now_iso
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.handlers.checksum import payload_files
 from spoold.templates import render_path, template_fields
@@ -89,10 +88,8 @@ class Manifest(Handler[ManifestOptions]):
         if any(target == p or p in target.parents for p in ctx.payload):
             raise TemplateError(f"manifest name {target.name!r} would overwrite the item's payload")
         tmp = target.with_name(f".{target.name}.tmp")
-        text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
         try:
-            # Surrogates (fields of a non-UTF-8 name) become JSON `\udcXX` escapes, so the file stays UTF-8.
-            tmp.write_bytes(text.encode("utf-8", "backslashreplace"))
+            tmp.write_bytes(encode_json(document))
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
                 raise PermanentError(f"manifest name {target.name!r} is too long for the file system") from None

@@ -15,7 +15,6 @@ targets are recorded in the checkpoint, so a re-run sends only what is left.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from spoold.errors import PermanentError
+from spoold.fsio import encode_json
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.options import Bytes
 from spoold.templates import render_url
@@ -112,9 +112,7 @@ class Ship(Handler[ShipOptions]):
         should_mark = self.options.ready_marker if self.options.ready_marker is not None else is_folder_delivery
         main = targets[0].remote if targets else url.path
         if should_mark:
-            # A field from a non-UTF-8 name holds surrogates: written as JSON `\udcXX` escapes, never a crash.
-            marker = json.dumps(ctx.fields, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
-            transport.write_small(main.rstrip("/") + ".ready", marker)
+            transport.write_small(main.rstrip("/") + ".ready", encode_json(ctx.fields, indent=None))
         verified = all(v.get("verified") for v in finished.values())
         summary = {
             "to": redact_url(str(url)), "targets": sorted(finished), "bytes": total, "verified": verified,
