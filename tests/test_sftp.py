@@ -40,6 +40,8 @@ class CuttingProxy:
         self.port = self.listener.getsockname()[1]
         self.upstream_bytes = 0
         self.connections = 0
+        # Connections that forward nothing any more, both ways, while staying open: a blackholed link.
+        self.wedged: set[int] = set()
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._stop = threading.Event()
@@ -57,15 +59,23 @@ class CuttingProxy:
             server = socket.create_connection(("127.0.0.1", self.port_to))
             self._sockets += [client, server]
             limit = self.cut_after if self.connections == 1 else None
-            threading.Thread(target=self._pipe, args=(client, server, limit, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, None, False), daemon=True).start()
+            number = self.connections
+            threading.Thread(target=self._pipe, args=(client, server, limit, True, number), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, None, False, number), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, target: socket.socket, limit: int | None, is_upstream: bool) -> None:
+    def wedge(self) -> None:
+        """Blackhole every connection open now; later ones are forwarded as usual."""
+        self.wedged.update(range(1, self.connections + 1))
+
+    def _pipe(self, source: socket.socket, target: socket.socket, limit: int | None, is_upstream: bool,
+              number: int) -> None:  # fmt: skip
         sent = 0
         try:
             while data := source.recv(65536):
                 if limit is not None and sent + len(data) > limit:
                     break
+                if number in self.wedged:
+                    continue
                 target.sendall(data)
                 sent += len(data)
                 if is_upstream:
@@ -155,6 +165,31 @@ def test_resume_after_connection_cut(sshd: Sshd, tmp_path: Path, spool: Path, da
         assert resumed and int(resumed.group(1)) >= MiB, run.log()
         # A restart from zero would have sent the whole 4 MiB before the cut again.
         assert proxy.upstream_bytes < len(payload) + 4 * MiB
+    finally:
+        proxy.close()
+
+
+def test_a_connection_that_timed_out_is_not_reused(
+    sshd: Sshd, tmp_path: Path, spool: Path, daemon: Any, write_config: Any
+) -> None:
+    """A link blackholed with its TCP connection open: the attempt times out (30 s, the I/O floor), and the
+    next attempt must open a new connection instead of waiting on the wedged one again."""
+    proxy = CuttingProxy(sshd.port, cut_after=1 << 40)
+    try:
+        known_hosts = tmp_path / "known_hosts_proxy"
+        known_hosts.write_text(sshd.known_hosts_line(proxy.port))
+        dest = tmp_path / "remote"
+        daemon(ship_config(write_config, sshd, dest, to=sshd.url(f"{dest}/", port=proxy.port),
+                           known_hosts=str(known_hosts)))  # fmt: skip
+        drop(spool, "files", "first.bin", b"first")
+        wait_for(sidecar_state(spool, "files", "first.bin", "done"), 30, "first item shipped")
+        proxy.wedge()
+        payload = os.urandom(MiB)
+        drop(spool, "files", "second.bin", payload)
+        doc = wait_for(sidecar_state(spool, "files", "second.bin", "done"), 80, "shipped on a new connection")
+        assert (dest / "second.bin").read_bytes() == payload
+        assert step(doc, "ship")["attempt"] == 2, "one timed-out attempt, then a new connection"
+        assert proxy.connections >= 2
     finally:
         proxy.close()
 

@@ -42,7 +42,7 @@ from spoold.transports.sftp_tree import (
     rmtree,
     walk,
 )
-from spoold.transports.ssh_connect import connect
+from spoold.transports.ssh_connect import connect, open_sftp
 
 log = logging.getLogger("spoold.sftp")
 # paramiko logs every connection and authentication at INFO; the daemon's log keeps only its problems.
@@ -91,10 +91,7 @@ class SftpTransport(Transport):
         client: paramiko.SFTPClient | None = getattr(self._local, "client", None)
         if client is None or client.get_channel().get_transport() is not ssh or client.get_channel().closed:
             with self._mapped(f"open an SFTP session on {self.url.host}"):
-                client = paramiko.SFTPClient.from_transport(ssh, window_size=WINDOW_BYTES, max_packet_size=PACKET_BYTES)
-                if client is None:
-                    raise TransientError(f"{self.url.host} refused an SFTP session")
-                client.get_channel().settimeout(self._io_timeout)
+                client = open_sftp(ssh, WINDOW_BYTES, PACKET_BYTES, self._io_timeout)
             self._local.client = client
         return client
 
@@ -108,7 +105,10 @@ class SftpTransport(Transport):
         except paramiko.AuthenticationException as exc:
             raise PermanentError(f"{what}: authentication refused: {exc}") from None
         except TimeoutError:
-            self._drop()
+            # The link may be blackholed with the TCP connection still open: paramiko would go on calling it
+            # active, and every later attempt would wait on the same wedged connection. Never reuse it.
+            self._local.client = None
+            self.close()
             raise TransientError(f"{what}: timed out") from None
         except (paramiko.SSHException, EOFError) as exc:
             self._drop()

@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -313,3 +314,29 @@ def _read_secret(path: Path) -> str:
         raise PermanentError(f"cannot read secret file {path}: {exc.strerror}") from None
     register_secret(text)
     return text
+
+
+def open_sftp(ssh: paramiko.Transport, window_bytes: int, packet_bytes: int, timeout: float) -> paramiko.SFTPClient:
+    """An SFTP session on `ssh` within `timeout`, else TimeoutError.
+
+    paramiko waits for the subsystem's reply without a timeout, so a wedged connection (a blackholed link
+    with its TCP connection still open) would hold the step for ever.
+    """
+    try:
+        channel = ssh.open_session(window_size=window_bytes, max_packet_size=packet_bytes, timeout=timeout)
+    except paramiko.SSHException as exc:
+        if "timeout" in str(exc).lower():
+            raise TimeoutError(str(exc)) from None
+        raise
+    timer = threading.Timer(timeout, channel.close)
+    timer.start()
+    try:
+        channel.invoke_subsystem("sftp")
+    except paramiko.SSHException:
+        if not timer.is_alive():
+            raise TimeoutError("the SFTP subsystem did not answer") from None
+        raise
+    finally:
+        timer.cancel()
+    channel.settimeout(timeout)
+    return paramiko.SFTPClient(channel)
