@@ -148,6 +148,21 @@ def test_multipart_upload_with_5mib_parts(write_config: WriteConfig, spool: Path
     assert not s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads"), "no upload left open"
 
 
+def test_an_upload_left_open_by_a_kill_is_aborted(write_config: WriteConfig, spool: Path, daemon: Start,
+                                                  s3: S3Server, bucket: str) -> None:  # fmt: skip
+    """A kill between CreateMultipartUpload and the checkpoint leaves an open upload the sidecar never named."""
+    leftover = s3.client().create_multipart_upload(Bucket=bucket, Key="raw/chapter.mp4")["UploadId"]
+    other = s3.client().create_multipart_upload(Bucket=bucket, Key="raw/chapter.mp4.other")["UploadId"]
+    daemon(ship_config(write_config, s3, f"s3://{bucket}/raw/"), env=s3.env)
+    data = os.urandom(11 * MIB)
+    drop(spool, "chapter.mp4", data)
+    wait_for(sidecar_state(spool, "outbox", "chapter.mp4", "done"), 60, "shipped")
+    assert fetch_object(s3, bucket, "raw/chapter.mp4")[0] == data
+    still_open = {u["UploadId"] for u in s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
+    assert leftover not in still_open, "the upload a kill left open is still open"
+    assert other in still_open, "an upload of another key was aborted"
+
+
 def test_resume_after_sigkill_sends_only_missing_parts(
     write_config: WriteConfig, spool: Path, daemon: Start, s3: S3Server, bucket: str
 ) -> None:

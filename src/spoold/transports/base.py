@@ -317,3 +317,12 @@ class Transport(ABC):
     def get_tree(self, source: str, target: Path, ctx: TransferContext) -> list[Path]:
         """Download a remote file or folder into local folder `target`, resumably."""
         raise PermanentError(f"{self.url.scheme}:// cannot download")
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob over object keys as a regex: `**` crosses `/`; `*` and `?` stay within one path segment."""
+
+    def segment(chunk: str) -> str:
+        return "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in chunk)
+
+    return re.compile(".*".join(segment(chunk) for chunk in pattern.split("**")))

@@ -39,7 +39,7 @@ import botocore.exceptions
 
 from spoold.digest import hash_file
 from spoold.errors import ChecksumMismatch, Interrupted, PermanentError, TransientError
-from spoold.transports.base import Delivered, ParsedUrl, RemoteEntry, TransferContext, Transport
+from spoold.transports.base import Delivered, ParsedUrl, RemoteEntry, TransferContext, Transport, glob_regex
 from spoold.transports.s3_credentials import session_credentials
 
 log = logging.getLogger("spoold.s3")
@@ -180,9 +180,22 @@ class S3Transport(Transport):
                 log.info("s3://%s/%s: resuming upload %s: %d of %d parts already on the server", self.bucket, key,
                          upload_id[:12], len(parts), count)  # fmt: skip
                 return parts
+        # A kill between CreateMultipartUpload and the checkpoint leaves an upload nobody would finish or abort
+        # (on AWS, storage billed for ever): the key's open uploads are this item's leftovers.
+        for stale in self._open_uploads(key):
+            self._abort(key, stale)
         cp.update(key=key, size=size, part_size=part_size, sha256=sha256, parts={})
         cp["upload_id"] = self._create(key, sha256, cp)
         return cp["parts"]
+
+    def _open_uploads(self, key: str) -> list[str]:
+        ids, args = [], {"Bucket": self.bucket, "Prefix": key}
+        while True:
+            page = self.client.list_multipart_uploads(**args)
+            ids += [u["UploadId"] for u in page.get("Uploads", []) if u.get("Key") == key]
+            if not page.get("IsTruncated"):
+                return ids
+            args.update(KeyMarker=page.get("NextKeyMarker", ""), UploadIdMarker=page.get("NextUploadIdMarker", ""))
 
     def _create(self, key: str, sha256: str, cp: dict[str, Any]) -> str:
         try:
@@ -330,7 +343,7 @@ class S3Transport(Transport):
     def glob(self, pattern: str) -> list[RemoteEntry]:
         key_pattern = self._key(pattern)
         literal = re.split(r"[*?\[]", key_pattern, maxsplit=1)[0]
-        regex = _glob_regex(key_pattern)
+        regex = glob_regex(key_pattern)
         entries = []
         with _mapped(f"s3://{self.bucket}/{literal}"):
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=literal):
@@ -344,18 +357,6 @@ class S3Transport(Transport):
             reply = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{limit - 1}")
             data: bytes = reply["Body"].read(limit)
             return data
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """`**` crosses `/`; `*` and `?` stay within one path segment."""
-    return re.compile(".*".join(_segment(chunk) for chunk in pattern.split("**")))
-
-
-def _segment(chunk: str) -> str:
-    out = []
-    for char in chunk:
-        out.append("[^/]*" if char == "*" else "[^/]" if char == "?" else re.escape(char))
-    return "".join(out)
 
 
 def _b64sha(data: bytes) -> str:
