@@ -64,13 +64,16 @@ class QueueBook:
         self.sidecars.pop(item, None)
         self.retry_at.pop(item, None)
 
-    def track(self, sidecar: Sidecar) -> None:
-        """Record an item found or made on disk, and schedule it if it has work left."""
+    def track(self, sidecar: Sidecar, *, is_news: bool = True) -> None:
+        """Record an item found or made on disk, and schedule it if it has work left.
+
+        `is_news`: it changed state just now (not an old item found at start), so a failure is the last error.
+        """
         name = sidecar.name
         self.set_state(name, sidecar.state)
         if sidecar.state not in ACTIVE_STATES:
             self.sidecars.pop(name, None)
-            if sidecar.state == "failed":
+            if sidecar.state == "failed" and is_news:
                 self._note_error(sidecar)
             return
         if name in self.running or self.is_closed:
@@ -87,7 +90,7 @@ class QueueBook:
             if item.arriving is not None:
                 self._track_arriving(item.sidecar, item.arriving)
             else:
-                self.track(item.sidecar)
+                self.track(item.sidecar, is_news=False)
 
     def adopt(self, item: str) -> None:
         """A worker made a new item in work/ (a hand-over): load and schedule it."""
@@ -121,8 +124,10 @@ class QueueBook:
             try:
                 self.on_arrival(arrival)
             except OSError as exc:
-                # The entry stays in the inbox; the next scan tries it again.
+                # Whatever was claimed stays where it is (inbox, or work/ without a sidecar): a rescan retries.
                 log.error("%s/%s: cannot claim: %s", self.name, arrival.entry, exc)
+            except Exception:
+                log.exception("%s/%s: internal error while claiming; a rescan tries again", self.name, arrival.entry)
 
     def on_arrival(self, arrival: Arrival) -> None:
         """Act on what intake reports: a folder to start early, the marker of one arriving, or a complete entry."""
