@@ -27,12 +27,13 @@ log = logging.getLogger("spoold")
 def create_sidecar(
     config: Config, queue: Queue, folders: QueueFolders, item: str, *, original_name: str, kind: str,
     fields: dict[str, Any], payload: list[str], extras: list[str] | None = None, origin: str | None = None,
+    digests: dict[str, dict[str, str]] | None = None,
 ) -> Sidecar:  # fmt: skip
     """A new item's sidecar (not yet written): fields from its name, then the given ones."""
     return Sidecar.new(
         folders.sidecar_path(item), queue=queue.name, item=item, original_name=original_name, kind=kind,
         fields={**fields_from_name(queue, original_name), **fields}, step_names=[s.name for s in queue.steps],
-        host=config.host, payload=payload, extras=extras, origin=origin,
+        host=config.host, payload=payload, extras=extras, origin=origin, digests=digests,
     )  # fmt: skip
 
 
@@ -92,10 +93,8 @@ def adopt_orphan(config: Config, queue: Queue, folders: QueueFolders, item: str)
             config, queue, folders, item, original_name=str(handoff.get("original_name", item)),
             kind=str(handoff.get("kind", "file")), fields=dict(handoff.get("fields", {})),
             payload=list(handoff.get("payload", [])), extras=list(handoff.get("extras", [])),
-            origin=handoff.get("origin"),
+            origin=handoff.get("origin"), digests=dict(handoff.get("digests") or {}),
         )  # fmt: skip
-        if digests := handoff.get("digests"):
-            sidecar.doc["digests"] = digests
         sidecar.write()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(item_dir / HANDOFF_FILE)

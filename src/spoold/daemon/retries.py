@@ -67,9 +67,9 @@ def fallback_retry(policy: RetryPolicy, sidecar: Sidecar) -> Outcome:
     """
     attempt = max(1, int(sidecar.doc.get("attempts") or 1))
     if attempt >= policy.attempts:
-        sidecar.doc["state"] = "failed"
+        sidecar.unrecorded_failure(gives_up=True)
         return Outcome("failed")
-    sidecar.doc["attempts"] = attempt + 1
+    sidecar.unrecorded_failure(gives_up=False)
     return Outcome("retry", retry_at=time.time() + policy.delay_before(attempt + 1))
 
 

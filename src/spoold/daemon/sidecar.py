@@ -52,7 +52,7 @@ class Sidecar:
     def new(
         cls, path: Path, *, queue: str, item: str, original_name: str, kind: str, fields: dict[str, Any],
         step_names: list[str], host: str, payload: list[str], extras: list[str] | None = None,
-        origin: str | None = None,
+        origin: str | None = None, digests: dict[str, dict[str, str]] | None = None,
     ) -> Sidecar:  # fmt: skip
         stamp = now_iso()
         document: dict[str, Any] = {
@@ -74,7 +74,7 @@ class Sidecar:
             "spoold_version": __version__,
             "payload": payload,
             "extras": extras or [],
-            "digests": {},
+            "digests": digests or {},
         }
         if origin:
             document["forwarded_from"] = origin
@@ -227,6 +227,13 @@ class Sidecar:
     def vanished(self) -> None:
         self.failed(None, error_record(self.doc.get("step"), "missing", "the item's folder vanished from work/",
                                        retryable=False))  # fmt: skip
+
+    def unrecorded_failure(self, *, gives_up: bool) -> None:
+        """A failed attempt that could not be written (a full disk): counted in memory, so it still ends."""
+        if gives_up:
+            self.doc["state"] = "failed"
+        else:
+            self.doc["attempts"] = max(1, int(self.doc.get("attempts") or 1)) + 1
 
     def done(self) -> None:
         self.doc.update(state="done", step=None, error=None, next_attempt_at=None)
