@@ -26,7 +26,7 @@ import os
 import posixpath
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -67,14 +67,23 @@ def is_url_template(template: str) -> bool:
     return _URL_SCHEME.match(template) is not None
 
 
-def render_text(template: str, values: Mapping[str, Any]) -> str:
-    """Fill `template` verbatim (environment values, messages); a value holding a NUL is refused."""
+def _fill(template: str, values: Mapping[str, Any], check: Callable[[str, str, str], None] | None = None) -> str:
+    """Fill `template`; `check(name, value, text so far)` may refuse each value. A NUL is always refused."""
     out: list[str] = []
     for literal, name, spec in _chunks(template):
         out.append(literal)
-        if name is not None:
-            out.append(_no_nul(name, _value(template, name, spec, values)))
+        if name is None:
+            continue
+        text = _no_nul(name, _value(template, name, spec, values))
+        if check is not None:
+            check(name, text, "".join(out))
+        out.append(text)
     return "".join(out)
+
+
+def render_text(template: str, values: Mapping[str, Any]) -> str:
+    """Fill `template` verbatim (environment values, messages); a value holding a NUL is refused."""
+    return _fill(template, values)
 
 
 def render(template: str, values: Mapping[str, Any], *, is_path: bool = True) -> str:
@@ -83,16 +92,12 @@ def render(template: str, values: Mapping[str, Any], *, is_path: bool = True) ->
     Only plain names are allowed (no `{a.b}` or `{a[0]}`), so a template cannot reach into objects.
     Prefer the specific functions (`render_url`, `render_path`, `render_arg`, `render_text`).
     """
-    out: list[str] = []
-    for literal, name, spec in _chunks(template):
-        out.append(literal)
-        if name is None:
-            continue
-        text = _no_nul(name, _value(template, name, spec, values))
+
+    def no_dotdot(name: str, text: str, _before: str) -> None:
         if is_path and has_dotdot(text):
             raise TemplateError(f"field {name!r} = {text!r} would escape the destination folder")
-        out.append(text)
-    return "".join(out)
+
+    return _fill(template, values, no_dotdot)
 
 
 def render_arg(template: str, values: Mapping[str, Any], *, allow_leading_dash: bool = False) -> str:
@@ -102,18 +107,14 @@ def render_arg(template: str, values: Mapping[str, Any], *, allow_leading_dash: 
     for an item named `--help`, or `{prefix}x` with prefix `-rf`, would hand the program an option
     chosen by a producer, so they are refused unless `allow_leading_dash` (exec's `allow_dash_values`).
     """
-    out: list[str] = []
-    for literal, name, spec in _chunks(template):
-        out.append(literal)
-        if name is None:
-            continue
-        text = _no_nul(name, _value(template, name, spec, values))
-        if text.startswith("-") and not "".join(out) and not allow_leading_dash:
+
+    def no_option(name: str, text: str, before: str) -> None:
+        if text.startswith("-") and not before and not allow_leading_dash:
             raise TemplateError(f"argument {template!r} would start with {_clip(text)!r} from field {name!r}, "
                                 "which the program would take as an option; write a prefix in the template "
                                 "(for a file, './{name}'), or set allow_dash_values: true on the step")  # fmt: skip
-        out.append(text)
-    return "".join(out)
+
+    return _fill(template, values, no_option)
 
 
 def render_path(template: str, values: Mapping[str, Any], base: Path) -> Path:
@@ -123,17 +124,13 @@ def render_path(template: str, values: Mapping[str, Any], base: Path) -> Path:
     result is never absolute, has no empty, `.` or `..` segment (also after percent-decoding), no
     component over 255 bytes, and stays inside `base`.
     """
-    out: list[str] = []
-    for literal, name, spec in _chunks(template):
-        out.append(literal)
-        if name is None:
-            continue
-        text = _no_nul(name, _value(template, name, spec, values))
+
+    def one_component(name: str, text: str, _before: str) -> None:
         if "/" in text:
             raise TemplateError(f"field {name!r} = {_clip(text)!r} holds '/', which would add folders here; "
                                 "a value must be one file name (write folders in the template)")  # fmt: skip
-        out.append(text)
-    rendered = "".join(out)
+
+    rendered = _fill(template, values, one_component)
     if "\x00" in rendered:
         raise TemplateError(f"template {template!r} holds a NUL byte")
     if rendered.startswith("/"):
