@@ -113,6 +113,27 @@ BAD_CONFIGS = [
             chain:
               - ship: {to: 'sftp://bob:hunter2@example.org/x/'}
         """, "queues.q.chain[0].ship", 5, "password"),
+    ("field-chooses-the-program", """\
+        spool: {spool}
+        queues:
+          q:
+            chain:
+              - exec: {argv: ['/opt/tools/{tool}', '{name}']}
+        """, "queues.q.chain[0].exec", 5, "argv[0]"),
+    ("pattern-shadows-a-built-in", """\
+        spool: {spool}
+        queues:
+          q:
+            fields: {pattern: '^(?P<path>.+)$'}
+            chain: [checksum]
+        """, "queues.q.fields.pattern", 4, "shadow"),
+    ("limits-depth-zero", """\
+        spool: {spool}
+        queues:
+          q:
+            limits: {depth: 0}
+            chain: [checksum]
+        """, "queues.q.limits", 4, "depth"),
 ]
 
 

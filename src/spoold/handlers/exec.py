@@ -33,7 +33,7 @@ from typing import Any
 from spoold.errors import Interrupted, PermanentError, TransientError
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.options import Seconds
-from spoold.templates import render_arg, render_text, shadowed_builtins
+from spoold.templates import BUILTIN_NAMES, render_arg, render_text, shadowed_builtins, template_fields
 
 EX_TEMPFAIL = 75
 OUTPUT_TAIL_BYTES = 4000
@@ -72,6 +72,10 @@ class ExecOptions:
     def __post_init__(self) -> None:
         if not self.argv:
             raise ValueError("argv must name a program")
+        chosen_by_fields = [f for f in template_fields(self.argv[0]) if f not in BUILTIN_NAMES]
+        if chosen_by_fields:
+            raise ValueError(f"argv[0] uses field {chosen_by_fields[0]!r}: the program to run is the config's to "
+                             "choose, never a field's (built-ins like {item_dir} are fine)")  # fmt: skip
         bad = [name for name in self.env if not _ENV_NAME.match(name)]
         if bad:
             raise ValueError(f"env: {bad[0]!r} is not a variable name (letters, digits and _, not first a digit)")
