@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import os
 import shutil
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from spoold import frames as frames_module
 from spoold import media
 from tests.conftest import DaemonProcess, make_frames, read_sidecar, sidecar_state, wait_for
 
@@ -274,3 +276,20 @@ def test_a_whole_episode_moved_in_then_marked_is_encoded(
     wait_for(arriving_progress(spool, "ep9"), 20, "a moved-in episode encoding before its marker")
     (inbox / "ep9.ready").write_text("")
     done_with(spool, "ep9", 60)
+
+
+def test_a_fifo_named_like_a_frame_is_refused_not_waited_on(
+    frames: Path, spool: Path, inbox: Path, daemon: Daemon, write_config: WriteConfig
+) -> None:
+    """A producer drops a FIFO as the next frame while the episode arrives: the feeder must not block opening
+    it, the item is rejected at the marker naming it, and a stop ends the daemon at once."""
+    run = daemon(write_config(STREAM))
+    producer = Producer(frames, inbox / "ep9", list(range(1, 6))).start()
+    assert producer.written.wait(20)
+    os.mkfifo(inbox / "ep9" / "cam_left" / "frame_000006.png")
+    wait_for(lambda: encode_step(spool, "ep9").get("state") == "running", 10, "encode running")
+    time.sleep(frames_module.LISTING_SECONDS * 2)  # a window in which the feeder lists the folder and meets the FIFO
+    producer.finish()
+    doc = wait_for(sidecar_state(spool, "episodes", "ep9", "failed"), 5, "ep9 rejected soon after its marker")
+    assert "frame_000006.png" in doc["error"]["message"] and "fifo" in doc["error"]["message"].lower()
+    assert run.stop(timeout=10) == 0, "the daemon did not stop promptly"

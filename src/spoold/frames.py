@@ -15,12 +15,14 @@ import dataclasses
 import itertools
 import os
 import re
+import stat
 import threading
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
 from spoold.errors import PermanentError
+from spoold.fsio import describe_type
 from spoold.media import FrameError, check_png_chunks, frame_size, image_size
 
 # While frames arrive: how often the folders are listed (events name most frames; listing finds the rest).
@@ -28,7 +30,10 @@ LISTING_SECONDS = 1.0
 # A feeder waiting for its next frame re-checks this often even without news (an event may be lost).
 FRAME_WAIT_SECONDS = 1.0
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Non-blocking: a FIFO named like a frame, dropped while the bundle still arrives, is refused, never waited on.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# Far above any real frame (an 8K 16-bit PNG is about 200 MB); a larger "frame" is not read into memory.
+MAX_FRAME_BYTES = 512 * 1024 * 1024
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
 
@@ -199,6 +204,11 @@ class FrameStream:
                 raise FrameError(f"{name}: cannot be read ({exc.strerror})") from None
             return None
         with open(fd, "rb") as stream:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise FrameError(f"{name} is {describe_type(info.st_mode)}; frames must be regular files")
+            if info.st_size > MAX_FRAME_BYTES:
+                raise FrameError(f"{name} is {info.st_size} bytes, more than a frame can be ({MAX_FRAME_BYTES})")
             data = stream.read()
         try:
             if data.startswith(b"\x89PNG"):
