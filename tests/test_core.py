@@ -362,3 +362,28 @@ def test_a_rejected_non_utf8_name_reaches_health_json_intact(
     assert health["last_error"]["type"] == "rejected"
     assert process.process is not None and process.process.poll() is None
     assert (spool / "health.json").read_bytes().decode("utf-8")  # still UTF-8 on disk
+
+
+def test_retention_prunes_data_then_sidecars_and_keeps_the_young(
+    spool: Path, daemon: Start, write_config: WriteConfig
+) -> None:
+    daemon(write_config("""\
+        spool: {spool}
+        rescan: 1s
+        queues:
+          short:
+            settle: 0s
+            keep: {done: 1s, failed: 1s, status: 2s}
+            chain: [checksum]
+          long:
+            settle: 0s
+            chain: [checksum]
+        """))
+    for queue in ("short", "long"):
+        (spool / queue / "inbox" / "a.bin").write_bytes(b"a")
+    wait_for(sidecar_state(spool, "long", "a.bin", "done"), 10, "long item done")
+    wait_for(lambda: not (spool / "short" / "done" / "a.bin").exists(), 10, "short item's data pruned")
+    wait_for(lambda: not (spool / "short" / "status" / "a.bin.json").exists(), 10, "short item's sidecar pruned")
+    # Several rescans have passed: the item kept for 7 days is still whole.
+    assert (spool / "long" / "done" / "a.bin" / "a.bin").read_bytes() == b"a"
+    assert read_sidecar(spool, "long", "a.bin") is not None
