@@ -314,17 +314,19 @@ class Server:
                 self.books[name].reconfigure(new, queue)
             elif name in self.retiring:
                 book = self.books[name] = self.retiring.pop(name)
-                self._watch(book)
+                self._guarded(f"watching queue {name}", functools.partial(self._watch, book))
                 self._guarded(f"reopening queue {name}", functools.partial(book.reconfigure, new, queue))
             else:
-                book = self._add_book(name, queue)
+                book = QueueBook(new, queue, self.layout.queues[name])
+                self.books[name] = book
+                self._guarded(f"watching queue {name}", functools.partial(self._watch, book))
                 self._guarded(f"recovering queue {name}", book.recover)
-                book.intake.scan(now)
+                self._guarded(f"scanning queue {name}", functools.partial(book.intake.scan, now))
         for name in [n for n in self.books if n not in new.queues]:
             log.warning("queue %s was removed from the config; its items stay on disk", name)
             book = self.books.pop(name)
             book.close()
-            self.watcher.unwatch(book.folders.inbox)
+            self._guarded(f"unwatching queue {name}", functools.partial(self.watcher.unwatch, book.folders.inbox))
             if book.running:
                 self.retiring[name] = book
         log.info("config reloaded from %s", new.source)
