@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.sshd import Sshd, missing_reason, start_sshd
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -155,6 +157,17 @@ def no_leaked_threads() -> Iterator[None]:
             return
         time.sleep(0.05)
     pytest.fail(f"test leaked threads: {leaked}")
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    """A real OpenSSH sshd on 127.0.0.1 with its own host key and a client key (tests/sshd.py)."""
+    reason = missing_reason()
+    if reason:
+        need_or_skip(reason)
+    server = start_sshd(tmp_path / "sshd")
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import need_or_skip, read_sidecar, sidecar_state, wait_for
-from tests.sshd import Sshd, keygen, missing_reason, start_sshd
+from tests.sshd import Sshd, keygen
 
 WriteConfig = Callable[..., Path]
 PRODUCER = "spoold-test-producer"
@@ -320,16 +320,6 @@ def test_retry_still_nudges_the_real_daemon(tmp_path: Path, spool: Path, daemon:
 
 
 # ---- (c) host keys never come from $HOME -------------------------------------------------------------------
-
-
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[Sshd]:
-    reason = missing_reason()
-    if reason:
-        need_or_skip(reason)
-    server = start_sshd(tmp_path / "sshd")
-    yield server
-    server.stop()
 
 
 def ship_config(write_config: WriteConfig, sshd: Sshd, dest: Path, **options: Any) -> Path:

@@ -8,26 +8,14 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.conftest import need_or_skip, read_sidecar, sidecar_state, wait_for
-from tests.sshd import Sshd, keygen, missing_reason, start_sshd
+from tests.conftest import read_sidecar, sidecar_state, wait_for
+from tests.sshd import Sshd, keygen
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[Sshd]:
-    reason = missing_reason()
-    if reason:
-        need_or_skip(reason)
-    server = start_sshd(tmp_path / "sshd")
-    yield server
-    server.stop()
 
 
 class CuttingProxy:

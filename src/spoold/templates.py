@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from spoold.errors import PermanentError, TemplateError
-from spoold.transports.base import fully_decoded, has_dotdot, parse_url
+from spoold.transports.base import fits_scheme, fully_decoded, has_dotdot, parse_url
 
 _formatter = string.Formatter()
 
@@ -243,12 +243,9 @@ def _url_path_value(name: str, text: str, scheme: str, glob: bool) -> str:
                             "('..' after decoding)")  # fmt: skip
     if "." in segments:
         raise TemplateError(f"field {name!r} = {_clip(text)!r} holds a '.' path segment")
-    if scheme != "file":
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise TemplateError(f"field {name!r} = {_clip(text)!r} is not valid UTF-8; {scheme}:// paths must "
-                                "be UTF-8 (only file:// takes any bytes)") from None  # fmt: skip
+    if not fits_scheme(scheme, text):
+        raise TemplateError(f"field {name!r} = {_clip(text)!r} is not valid UTF-8; {scheme}:// paths must "
+                            "be UTF-8 (only file:// takes any bytes)")  # fmt: skip
     if glob:
         text = _GLOB_MAGIC.sub(r"[\1]", text)
     return quote(text, safe="/", errors="surrogateescape")

@@ -87,7 +87,7 @@ class Server:
         self._guarded("removing stale temp files", self.layout.remove_stale_temps)
         self._check_disk()
         for name, queue in self.config.queues.items():
-            self._add_book(name, queue)
+            self._watch(self._add_book(name, queue))
         for book in self.books.values():
             self._guarded(f"recovering queue {book.name}", book.recover)
         self.watcher.start()
@@ -105,7 +105,6 @@ class Server:
     def _add_book(self, name: str, queue: Queue) -> QueueBook:
         book = QueueBook(self.config, queue, self.layout.queues[name])
         self.books[name] = book
-        self._watch(book)
         return book
 
     def _watch(self, book: QueueBook) -> None:
@@ -317,8 +316,7 @@ class Server:
                 self._guarded(f"watching queue {name}", functools.partial(self._watch, book))
                 self._guarded(f"reopening queue {name}", functools.partial(book.reconfigure, new, queue))
             else:
-                book = QueueBook(new, queue, self.layout.queues[name])
-                self.books[name] = book
+                book = self._add_book(name, queue)
                 self._guarded(f"watching queue {name}", functools.partial(self._watch, book))
                 self._guarded(f"recovering queue {name}", book.recover)
                 self._guarded(f"scanning queue {name}", functools.partial(book.intake.scan, now))

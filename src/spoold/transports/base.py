@@ -74,6 +74,18 @@ def has_dotdot(path: str) -> bool:
     return ".." in re.split(r"[/\\]", fully_decoded(path))
 
 
+def fits_scheme(scheme: str, text: str) -> bool:
+    """Whether `text` can be a path for `scheme`: S3 keys and SFTP paths are UTF-8; `file://` takes any bytes
+    (a name that is not UTF-8 arrives as Python's surrogate escapes)."""
+    if scheme == "file":
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_decoded_path(path: str, shown: str) -> str:
     """Return `path` (already URL-decoded once) if no decoding of it can climb out or smuggle a NUL.
 
@@ -213,12 +225,9 @@ def check_name(name: str, scheme: str = "file") -> str:
         raise PermanentError(f"{name!r} holds a NUL byte")
     if has_dotdot(name):
         raise PermanentError(f"{name!r} decodes to a '..' segment, which would escape its folder")
-    if scheme != "file":
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise PermanentError(f"{name!r} is not valid UTF-8; {scheme}:// needs UTF-8 names "
-                                 "(only file:// destinations take any bytes)") from None  # fmt: skip
+    if not fits_scheme(scheme, name):
+        raise PermanentError(f"{name!r} is not valid UTF-8; {scheme}:// needs UTF-8 names "
+                             "(only file:// destinations take any bytes)")  # fmt: skip
     return name
 
 
