@@ -62,6 +62,12 @@ class ChecksumMismatch(TransientError):
     type_name = "checksum_mismatch"
 
 
+class CommandTimedOut(TransientError):
+    """Raised when a remote command runs past its time; the connection it ran on is dropped."""
+
+    type_name = "timeout"
+
+
 class TemplateError(PermanentError):
     """Raised when a `{field}` template names an unknown field or renders to an unsafe path."""
 
