@@ -19,7 +19,7 @@ $(VENV)/.test-deps: pyproject.toml $(BIN)/spoold
 run: $(BIN)/spoold
 	$(BIN)/spoold run
 
-## Install what the tests need (openssh-server, ffmpeg via apt-get when missing) and pass them.
+## Install what the tests need (openssh-server, ffmpeg, unzip via apt-get when missing) and pass them.
 test: system-deps $(VENV)/.test-deps
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
@@ -32,6 +32,7 @@ system-deps:
 	command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
 	command -v ffmpeg >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
 	command -v ffprobe >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
+	command -v unzip >/dev/null 2>&1 || missing="$$missing unzip"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \

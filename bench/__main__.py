@@ -6,7 +6,7 @@ import importlib
 import sys
 import traceback
 
-MODULES = ("core", "sftp", "s3", "encode", "redact", "hostile")
+MODULES = ("core", "sftp", "s3", "encode", "redact", "hostile", "remote_exec", "robot_000")
 
 
 def main() -> int:

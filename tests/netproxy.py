@@ -10,9 +10,9 @@ import threading
 class Proxy:
     """Forwards 127.0.0.1:`port` to 127.0.0.1:`target`; `cut()` drops the connections open now."""
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int, port: int = 0) -> None:
         self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.listener.settimeout(0.1)
         self.port: int = self.listener.getsockname()[1]
         self.connections = 0

@@ -66,29 +66,38 @@ class Sshd:
                 self.process.wait(timeout=10)
 
 
-def start_sshd(root: Path, timeout: float = 10.0) -> Sshd:
-    """Start sshd with keys and config under `root`; return once its port accepts connections."""
+def start_sshd(
+    root: Path, timeout: float = 10.0, *, port: int | None = None, user: str | None = None,
+    authorized_keys: str | None = None,
+) -> Sshd:  # fmt: skip
+    """Start sshd with keys and config under `root`; return once its port accepts connections.
+
+    `user` logs in instead of the current one; `authorized_keys` is then sshd's AuthorizedKeysFile pattern
+    (`%h/.ssh/authorized_keys`), since sshd reads it as that user, who cannot enter a root-only `root`.
+    """
     root.mkdir(parents=True, exist_ok=True)
     host_public = keygen(root / "host_ed25519")
     client_public = keygen(root / "id_ed25519")
     (root / "authorized_keys").write_text(client_public + "\n")
-    port = free_port()
+    port = port or free_port()
     (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_public}\n")
     if os.geteuid() == 0:
         # sshd's privilege separation needs this folder when started as root.
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     config = root / "sshd_config"
+    keys_file = authorized_keys or root / "authorized_keys"
     config.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_ed25519'}\nPidFile none\nUsePAM no\n"
         f"StrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        f"KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nAuthorizedKeysFile {root / 'authorized_keys'}\n"
+        f"KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nAuthorizedKeysFile {keys_file}\n"
         f"Subsystem sftp internal-sftp\nLogLevel ERROR\nMaxStartups 50\nMaxSessions 50\n"
     )
     log = open(root / "sshd.log", "ab")  # noqa: SIM115 - handed to the child
     process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log,
                                stdin=subprocess.DEVNULL)  # fmt: skip
     log.close()
-    server = Sshd(root, port, getpass.getuser(), root / "id_ed25519", root / "known_hosts", host_public, process)
+    login = user or getpass.getuser()
+    server = Sshd(root, port, login, root / "id_ed25519", root / "known_hosts", host_public, process)
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:

@@ -221,3 +221,33 @@ def test_command_lines_are_plain_posix_sh() -> None:
                                capture_output=True, check=True).stdout.split(b"\0")  # fmt: skip
         script = words[2].decode()
         assert subprocess.run(["sh", "-n", "-c", script], capture_output=True).returncode == 0, script
+
+
+def test_remote_exec_rides_the_connection_ship_opened(
+    sshd: Sshd, write_config: Callable[..., Path], daemon: Callable[..., Any], spool: Path, tmp_path: Path
+) -> None:
+    proxy = Proxy(sshd.port)
+    with open(sshd.known_hosts, "a") as known:
+        known.write(sshd.known_hosts_line(proxy.port))
+    connection = {"identity": str(sshd.identity), "known_hosts": str(sshd.known_hosts)}
+    landed = tmp_path / "landed"
+    ship = {"to": f"sftp://{sshd.user}@127.0.0.1:{proxy.port}{landed}/", **connection}
+    run = {"remote": f"ssh://{sshd.user}@127.0.0.1:{proxy.port}", "argv": ["test", "-s", f"{landed}/{{name}}"],
+           **connection}  # fmt: skip
+    try:
+        daemon(write_config(f"""
+            spool: {{spool}}
+            queues:
+              files:
+                settle: 0.1s
+                chain:
+                  - ship: {json.dumps(ship)}
+                  - exec: {json.dumps(run)}
+            """))
+        for index in range(3):
+            (spool / "files" / "inbox" / f"f{index}.bin").write_bytes(os.urandom(1000))
+        for index in range(3):
+            wait_for(sidecar_state(spool, "files", f"f{index}.bin", "done"), 30, f"item {index}")
+    finally:
+        proxy.close()
+    assert proxy.connections == 1, "exec opened an SSH connection of its own beside ship's"

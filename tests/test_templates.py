@@ -11,7 +11,7 @@ import pytest
 
 from spoold.daemon.context import ItemContext, ItemEnv
 from spoold.errors import PermanentError, TemplateError
-from spoold.handlers.exec import Exec, ExecOptions
+from spoold.handlers.exec import ExecOptions, captured_fields
 from spoold.templates import (
     BUILTIN_NAMES,
     render,
@@ -274,6 +274,6 @@ def test_exec_options_and_captured_fields() -> None:
         ExecOptions(argv=["true"], env={"A-B": "x"})
     with pytest.raises(ValueError, match=r"write \$HOME"):
         ExecOptions(argv=["true"], env={"X": "${HOME}"})
-    assert Exec._captured_fields('chatter\n{"model_dir": "/m"}\n') == {"model_dir": "/m"}
+    assert captured_fields('chatter\n{"model_dir": "/m"}\n') == {"model_dir": "/m"}
     with pytest.raises(PermanentError, match="shadow a built-in"):
-        Exec._captured_fields('{"path": "/etc/shadow", "ok": 1}')
+        captured_fields('{"path": "/etc/shadow", "ok": 1}')

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+from spoold.daemon.remotes import RemoteSpec, check_remote_names, resolve_step_options
 from spoold.daemon.yamlfile import load_yaml
 from spoold.errors import ConfigError
 from spoold.handlers import HANDLERS, handler_class
@@ -117,6 +118,7 @@ class ConfigSpec:
     group: str | None = None
     host: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    remotes: dict[str, RemoteSpec] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +155,8 @@ class Config:
     host: str
     log_level: str
     queues: dict[str, Queue]
+    # Kept for display only: steps already carry their remote's host and settings.
+    remotes: dict[str, RemoteSpec] = dataclasses.field(default_factory=dict)
 
 
 def load_config(path: Path | None) -> Config:
@@ -177,6 +181,7 @@ def parse_config(text: str, file: str) -> Config:
     spec = builder.build(ConfigSpec, data, ())
     if not spec.queues:
         raise builder.error(("queues",), "no queues are defined")
+    check_remote_names(builder, spec.remotes)
     queue_names = frozenset(spec.queues)
     queues: dict[str, Queue] = {}
     for name, raw in spec.queues.items():
@@ -186,7 +191,7 @@ def parse_config(text: str, file: str) -> Config:
         if not isinstance(raw, dict):
             raise builder.error(path, "a queue must be a mapping with at least `chain:`")
         queue_spec = builder.build(QueueSpec, raw, path)
-        steps = _build_chain(builder, queue_spec, (*path, "chain"), queue_names)
+        steps = _build_chain(builder, queue_spec, (*path, "chain"), queue_names, spec.remotes)
         pattern = re.compile(queue_spec.fields.pattern) if queue_spec.fields.pattern else None
         if pattern is not None and (shadowed := shadowed_builtins(pattern.groupindex)):
             raise builder.error((*path, "fields", "pattern"), f"group {', '.join(shadowed)} would shadow the "
@@ -201,10 +206,13 @@ def parse_config(text: str, file: str) -> Config:
         host=spec.host or os.uname().nodename,
         log_level=spec.log_level,
         queues=queues,
+        remotes=spec.remotes,
     )
 
 
-def _build_chain(builder: Builder, spec: QueueSpec, path: YamlPath, queue_names: frozenset[str]) -> tuple[Step, ...]:
+def _build_chain(
+    builder: Builder, spec: QueueSpec, path: YamlPath, queue_names: frozenset[str], remotes: dict[str, RemoteSpec]
+) -> tuple[Step, ...]:
     if not isinstance(spec.chain, list) or not spec.chain:
         raise builder.error(path, "chain must be a non-empty list of steps")
     steps = []
@@ -225,6 +233,8 @@ def _build_chain(builder: Builder, spec: QueueSpec, path: YamlPath, queue_names:
             if cls.shorthand is None:
                 raise builder.error((*step_path, name), f"{name} takes a mapping of options")
             options = {cls.shorthand: options}
+        # Before the options are built, so a step's own options override its remote's and are validated alike.
+        options = resolve_step_options(builder, remotes, cls, options, (*step_path, name))
         handler = cls(builder.build(cls.Options, options, (*step_path, name)))
         problem = handler.validate(queue_names, spec.items == "requests")
         if problem:

@@ -130,6 +130,10 @@ class Handler(ABC, Generic[OptionsT]):
     Options: ClassVar[type[Any]] = NoOptions
     # A step written as `- forward: outgoing` sets this option to the scalar.
     shorthand: ClassVar[str | None] = None
+    # Options whose value is a URL (or a list of mappings holding them) that may name a top-level remote:
+    # the config loader rewrites `sftp://edge/...` to the remote's host and adds its settings before
+    # `Options` is built, so the handler only ever sees ordinary URLs.
+    url_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: OptionsT) -> None:
         self.options = options

@@ -32,8 +32,10 @@ from typing import Any
 
 from spoold.errors import Interrupted, PermanentError, TransientError
 from spoold.handlers.base import Handler, StepContext, StepResult
+from spoold.handlers.remote_exec import RemoteJob, check_remote
 from spoold.options import Seconds
-from spoold.templates import BUILTIN_NAMES, render_arg, render_text, shadowed_builtins, template_fields
+from spoold.templates import BUILTIN_NAMES, render_arg, render_text, render_url, shadowed_builtins, template_fields
+from spoold.transports.base import ConnectionOptions
 
 EX_TEMPFAIL = 75
 OUTPUT_TAIL_BYTES = 4000
@@ -48,7 +50,7 @@ _BRACED_IMPORT = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
 @dataclasses.dataclass(frozen=True)
-class ExecOptions:
+class ExecOptions(ConnectionOptions):
     """The `exec` step's options.
 
     `argv`: the program and its arguments, each a template (no shell ever sees them). An element
@@ -68,10 +70,17 @@ class ExecOptions:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     capture_fields: bool = False
     allow_dash_values: bool = False
+    remote: str | None = None
+    cwd: str | None = None
+    detach: bool = False
 
     def __post_init__(self) -> None:
         if not self.argv:
             raise ValueError("argv must name a program")
+        if self.remote is not None:
+            check_remote(self.remote)
+        elif self.detach:
+            raise ValueError("detach: true needs remote: (a job on another host that outlives the connection)")
         chosen_by_fields = [f for f in template_fields(self.argv[0]) if f not in BUILTIN_NAMES]
         if chosen_by_fields:
             raise ValueError(f"argv[0] uses field {chosen_by_fields[0]!r}: the program to run is the config's to "
@@ -89,31 +98,41 @@ class ExecOptions:
 class Exec(Handler[ExecOptions]):
     name = "exec"
     Options = ExecOptions
+    url_options = ("remote",)
 
     def run(self, ctx: StepContext) -> StepResult:
         values = ctx.template_values()
         dash = self.options.allow_dash_values
         argv = [render_arg(arg, values, allow_leading_dash=dash) for arg in self.options.argv]
-        env = child_environment()
-        env.update({name: _env_value(name, value, values) for name, value in self.options.env.items()})
-        env.update(SPOOLD_QUEUE=ctx.queue, SPOOLD_ITEM=ctx.item, SPOOLD_ITEM_DIR=str(ctx.item_dir),
-                   SPOOLD_PAYLOAD=":".join(str(p) for p in ctx.payload))  # fmt: skip
+        step_env = {name: _env_value(name, value, values) for name, value in self.options.env.items()}
+        if self.options.remote is not None:
+            code, stdout, stderr = self._run_remote(ctx, argv, {**step_env, **_item_env(ctx)})
+            return finish(ctx, argv[0], code, stdout, stderr, self.options.capture_fields)
+        env = {**child_environment(), **step_env, **_item_env(ctx), "SPOOLD_ITEM_DIR": str(ctx.item_dir),
+               "SPOOLD_PAYLOAD": ":".join(str(p) for p in ctx.payload)}  # fmt: skip
+        cwd = ctx.item_dir / ctx.render(self.options.cwd) if self.options.cwd else ctx.item_dir
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
-                process = subprocess.Popen(argv, cwd=ctx.item_dir, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                            stderr=err, start_new_session=True)  # fmt: skip
             except OSError as exc:
                 raise PermanentError(f"cannot run {argv[0]}: {exc.strerror}") from None
             code = self._wait(ctx, process, argv[0])
             stdout, stderr = _read(out), _read(err)
-        for line in (stdout + stderr).splitlines()[-50:]:
-            ctx.log.info("%s: %s", os.path.basename(argv[0]), line)
-        if code == EX_TEMPFAIL:
-            raise TransientError(f"{argv[0]} asked to be retried later (exit 75): {_tail(stderr)}")
-        if code != 0:
-            raise PermanentError(f"{argv[0]} exited with {_describe(code)}: {_tail(stderr) or _tail(stdout)}")
-        fields = self._captured_fields(stdout) if self.options.capture_fields else {}
-        return StepResult(result={"exit_code": 0, "fields": sorted(fields)}, fields=fields)
+        return finish(ctx, argv[0], code, stdout, stderr, self.options.capture_fields)
+
+    def _run_remote(self, ctx: StepContext, argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+        options = self.options
+        job = RemoteJob(
+            ctx,
+            url=render_url(options.remote or "", ctx.template_values()),
+            settings=options.connection_settings(),
+            argv=argv,
+            env=env,
+            cwd=ctx.render(options.cwd) if options.cwd else None,
+            timeout=options.timeout,
+        )
+        return job.run_detached() if options.detach else job.run()
 
     def _wait(self, ctx: StepContext, process: subprocess.Popen[bytes], program: str) -> int:
         deadline = time.monotonic() + self.options.timeout if self.options.timeout is not None else None
@@ -131,22 +150,38 @@ class Exec(Handler[ExecOptions]):
                 _kill(process)
                 raise TransientError(f"{program} timed out after {self.options.timeout:g}s")
 
-    @staticmethod
-    def _captured_fields(stdout: str) -> dict[str, Any]:
-        lines = [line for line in stdout.strip().splitlines() if line.strip()]
-        if not lines:
-            raise PermanentError("capture_fields: the program printed nothing; expected a JSON object last")
-        try:
-            value = json.loads(lines[-1])
-        except ValueError:
-            raise PermanentError(f"capture_fields: the last line of output is not JSON: {lines[-1][:200]!r}") from None
-        if not isinstance(value, dict):
-            raise PermanentError("capture_fields: the last line of output must be a JSON object")
-        shadowing = shadowed_builtins(value)
-        if shadowing:
-            raise PermanentError(f"capture_fields: the program printed {', '.join(map(repr, shadowing))}, which "
-                                 "name built-in template values; a field may not shadow a built-in")  # fmt: skip
-        return value
+
+def finish(ctx: StepContext, program: str, code: int, stdout: str, stderr: str, capture: bool) -> StepResult:
+    """The step's end, the same for a local and a remote program: 0 is done, 75 is try again later, else failed."""
+    for line in (stdout + stderr).splitlines()[-50:]:
+        ctx.log.info("%s: %s", os.path.basename(program), line)
+    if code == EX_TEMPFAIL:
+        raise TransientError(f"{program} asked to be retried later (exit 75): {_tail(stderr)}")
+    if code != 0:
+        raise PermanentError(f"{program} exited with {_describe(code)}: {_tail(stderr) or _tail(stdout)}")
+    fields = captured_fields(stdout) if capture else {}
+    return StepResult(result={"exit_code": 0, "fields": sorted(fields)}, fields=fields)
+
+
+def captured_fields(stdout: str) -> dict[str, Any]:
+    lines = [line for line in stdout.strip().splitlines() if line.strip()]
+    if not lines:
+        raise PermanentError("capture_fields: the program printed nothing; expected a JSON object last")
+    try:
+        value = json.loads(lines[-1])
+    except ValueError:
+        raise PermanentError(f"capture_fields: the last line of output is not JSON: {lines[-1][:200]!r}") from None
+    if not isinstance(value, dict):
+        raise PermanentError("capture_fields: the last line of output must be a JSON object")
+    shadowing = shadowed_builtins(value)
+    if shadowing:
+        raise PermanentError(f"capture_fields: the program printed {', '.join(map(repr, shadowing))}, which "
+                             "name built-in template values; a field may not shadow a built-in")  # fmt: skip
+    return value
+
+
+def _item_env(ctx: StepContext) -> dict[str, str]:
+    return {"SPOOLD_QUEUE": ctx.queue, "SPOOLD_ITEM": ctx.item}
 
 
 def child_environment() -> dict[str, str]:

@@ -1,8 +1,10 @@
 """pull: download a remote file or folder (recursively, resumably) into a local folder or another queue.
 
-Options: `from` (URL template of a remote file or folder), `to` (`file:///local/folder/`
-where it lands under its own name, or `queue:NAME` to make it a new item of
-that queue with this item's fields), `limits` (`{depth: 32, files: 100000}`:
+Options: `from` (URL template of a remote file or folder), `to` (a `file://`
+URL template: ending in `/` it is a folder where what is pulled keeps its
+name; otherwise the exact path that receives the file, or the folder's
+contents, as in `file:///models/{repo_id}`; or `queue:NAME` to make it a new
+item of that queue with this item's fields), `limits` (`{depth: 32, files: 100000}`:
 how many levels below the root and how many files and folders a pulled tree
 may hold; the defaults are those of a queue's `limits`), and the connection
 options `identity`, `password_file`, `credential`, `known_hosts`, `host_key`,
@@ -15,10 +17,15 @@ special file below the root (never followed or read), or a tree past
 `limits` fails the step permanently, naming the entry. Files land through
 descriptors under the landing folder, never through a link found there.
 
-Side effects: the download is written under `.<name>.spoold.part` and renamed
-into place when complete, so whoever watches the target sees only whole trees;
-a re-run continues partial files. With `queue:NAME` the tree is fetched into
-the item's work folder and handed over exactly once.
+Field values in `to` are escaped and kept inside its literal base
+(`templates.render_url`), so a field such as `../x` is refused.
+
+Side effects: the download is written under `.<name>.spoold.part` beside the
+target and renamed into place when complete, so whoever watches the target sees
+only whole trees; a re-run continues partial files and then replaces an earlier
+copy whole. A pulled file never replaces a folder, nor a folder a file. With
+`queue:NAME` the tree is fetched into the item's work folder and handed over
+exactly once.
 """
 
 from __future__ import annotations
@@ -31,8 +38,15 @@ from typing import Any
 
 from spoold.errors import PermanentError
 from spoold.handlers.base import Handler, StepContext, StepResult
-from spoold.transports.base import ConnectionOptions, TransferContext, parse_url, redact_url
-from spoold.transports.local import TreeLimits
+from spoold.templates import render_url
+from spoold.transports.base import (
+    ConnectionOptions,
+    TransferContext,
+    TreeLimits,
+    check_component,
+    parse_url,
+    redact_url,
+)
 
 QUEUE_PREFIX = "queue:"
 
@@ -47,12 +61,13 @@ class PullOptions(ConnectionOptions):
         if "://" not in self.from_:
             raise ValueError(f"from: {self.from_!r} must be a URL such as sftp://host/path/")
         if not (self.to.startswith("file://") or self.to.startswith(QUEUE_PREFIX)):
-            raise ValueError(f"to: {self.to!r} must be a local file:// folder or queue:NAME")
+            raise ValueError(f"to: {self.to!r} must be a local file:// folder or path, or queue:NAME")
 
 
 class Pull(Handler[PullOptions]):
     name = "pull"
     Options = PullOptions
+    url_options = ("from",)
 
     def validate(self, queue_names: frozenset[str], is_queue_of_requests: bool) -> str | None:
         queue = self.options.to[len(QUEUE_PREFIX) :] if self.options.to.startswith(QUEUE_PREFIX) else None
@@ -68,17 +83,15 @@ class Pull(Handler[PullOptions]):
         result: dict[str, Any] | None = ctx.checkpoint.data.get("landed")
         if result is None:
             # For a queue the tree lands in this item's folder, so the handover links it under its own name.
-            folder = ctx.item_dir if queue else Path(parse_url(ctx.render(self.options.to)).path)
-            settings = {**self.options.connection_settings(), "max_depth": self.options.limits.depth,
-                        "max_files": self.options.limits.files}  # fmt: skip
-            transport = ctx.transport(source, settings)
+            folder, name = (ctx.item_dir, None) if queue else _landing(self.options.to, ctx)
+            transport = ctx.transport(source, self.options.connection_settings())
             transfer = TransferContext(
                 progress=ctx.progress,
                 checkpoint=ctx.checkpoint.data.setdefault("transfer", {}),
                 save_checkpoint=ctx.checkpoint.save,
                 check_stop=ctx.check_stop,
             )
-            landed = transport.get_tree(url.path, folder, transfer)
+            landed = transport.get_tree(url.path, folder, transfer, name=name, limits=self.options.limits)
             if not landed:
                 raise PermanentError(f"nothing was downloaded from {shown}")
             result = {"from": shown, "to": [str(p) for p in landed], "bytes": sum(_size(p) for p in landed)}
@@ -90,6 +103,16 @@ class Pull(Handler[PullOptions]):
             result = {**result, "queue": queue, "item": ctx.hand_over(queue, paths, ctx.fields, name=paths[0].name)}
         ctx.log.info("pulled %s into %s", shown, result.get("item") or result["to"][0])
         return StepResult(result=result)
+
+
+def _landing(template: str, ctx: StepContext) -> tuple[Path, str | None]:
+    """(local folder, name to land under) for a `file://` `to`: a folder keeps the pulled name; else the exact path."""
+    # render_url escapes each value and keeps the path inside the template's literal base: `../x` is refused.
+    path = parse_url(render_url(template, ctx.template_values())).path
+    if path.endswith("/"):
+        return Path(path), None
+    folder, name = os.path.split(path)
+    return Path(folder or "."), check_component(name, f"pull to {redact_url(template)}")
 
 
 def _size(path: Path) -> int:

@@ -5,17 +5,30 @@ its name), `identity`, `password_file`, `known_hosts`, `host_key`,
 `connect_timeout` (SFTP), `endpoint_url`, `region`, `credential`, `part_size`,
 `concurrency` (S3), `verify` (default true), `delete_source` (remove the local
 payload once every copy is verified), `ready_marker` (write `<name>.ready`
-with the item's fields after the payload; default on for folders).
+holding the item's fields as JSON after everything else; default on for folder
+payloads and for another spool's inbox, off otherwise).
+
+Node to node: a folder destination whose last segment is `inbox` is taken for
+another spool's inbox, and there (or anywhere with `ready_marker: true`) the
+item travels as one unit, so the far spool sees one item with the sender's
+fields: a payload with extras (a manifest, a `.sha256` file) goes as one
+folder named after the item holding the payload and the extras, then
+`<item>.ready`; a lone file or folder goes as it is, then `<name>.ready`. The
+far queue must be `items: bundles` to take such a folder. Elsewhere, and with
+`ready_marker: false`, the extras land beside the payload as separate files;
+several payload files always travel as one folder named after the item.
 
 Each target is published atomically by its transport (temp name then rename,
 or multipart completion) and verified against the item's sha256; finished
-targets are recorded in the checkpoint, so a re-run sends only what is left.
+targets are recorded in the checkpoint, so a re-run sends only what is left,
+and the marker is written once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +43,9 @@ from spoold.transports import TRANSPORTS
 from spoold.transports.base import ConnectionOptions, Delivered, TransferContext, join_name, parse_url, redact_url
 
 STAGING_DIR = ".ship"
+READY_SUFFIX = ".ready"
+# A folder destination named so is taken for another spool's inbox (`<spool>/<queue>/inbox/`).
+INBOX = "inbox"
 _NOT_TRANSPORT_SETTINGS = ("to", "verify", "delete_source", "ready_marker")
 
 
@@ -73,6 +89,7 @@ class Target:
 class Ship(Handler[ShipOptions]):
     name = "ship"
     Options = ShipOptions
+    url_options = ("to",)
     shorthand = "to"
 
     def run(self, ctx: StepContext) -> StepResult:
@@ -83,7 +100,7 @@ class Ship(Handler[ShipOptions]):
             # Everything was delivered before a restart; only the source removal may be left.
             return self._finish(ctx, ctx.checkpoint.data["summary"])
         transport = ctx.transport(destination, transport_settings(self.options))
-        targets, is_folder_delivery = self._plan(ctx, url.path, url.is_folder, url.scheme)
+        targets, should_mark = self._plan(ctx, url.path, url.is_folder, url.scheme)
         total = sum(_size(t.source) for t in targets)
         finished: dict[str, dict[str, Any]] = ctx.checkpoint.data.setdefault("finished", {})
         done_bytes = sum(_size(t.source) for t in targets if t.remote in finished)
@@ -109,10 +126,12 @@ class Ship(Handler[ShipOptions]):
             ctx.checkpoint.save()
             done_bytes += _size(target.source)
             ctx.progress(done_bytes, total)
-        should_mark = self.options.ready_marker if self.options.ready_marker is not None else is_folder_delivery
         main = targets[0].remote if targets else url.path
-        if should_mark:
-            transport.write_small(main.rstrip("/") + ".ready", encode_json(ctx.fields, indent=None))
+        if should_mark and not ctx.checkpoint.data.get("marked"):
+            # Last, once everything is in place: a far spool claims the item (and drops the marker) when it appears.
+            transport.write_small(main.rstrip("/") + READY_SUFFIX, encode_json(ctx.fields, indent=None))
+            ctx.checkpoint.data["marked"] = True
+            ctx.checkpoint.save()
         verified = all(v.get("verified") for v in finished.values())
         summary = {
             "to": redact_url(str(url)), "targets": sorted(finished), "bytes": total, "verified": verified,
@@ -130,17 +149,32 @@ class Ship(Handler[ShipOptions]):
         return StepResult(result=summary, is_payload_removed=self.options.delete_source)
 
     def _plan(self, ctx: StepContext, path: str, is_folder: bool, scheme: str) -> tuple[list[Target], bool]:
-        """Which local file or folder goes to which remote path, and whether a folder is delivered."""
+        """Which local file or folder goes to which remote path, and whether a ready marker follows."""
         payload = [p for p in ctx.payload if p.exists() or p.is_symlink()]
         if len(payload) != len(ctx.payload):
             raise PermanentError("payload files are missing from the item's folder")
         if not payload and not ctx.extras:
             raise PermanentError("nothing to ship: the item has no payload")
-        if len(payload) > 1:
-            # Several outputs (e.g. one video per camera) travel as one folder named after the item.
+        is_inbox = is_folder and posixpath.basename(path.rstrip("/")) == INBOX
+        is_tree = len(payload) > 1 or (bool(payload) and payload[0].is_dir())
+        should_mark = self.options.ready_marker if self.options.ready_marker is not None else is_inbox or is_tree
+        # Another spool's inbox would take each file beside the payload for an item of its own.
+        is_unit = should_mark and (is_inbox or self.options.ready_marker is True)
+        if is_unit and ctx.extras and len(payload) == 1 and payload[0].is_dir():
+            # A bundle keeps its shape: its extras join its folder, so a far `*/*.png` still finds the frames.
+            relative = str(payload[0].relative_to(ctx.item_dir))
+            stage = self._stage(ctx, [*sorted(payload[0].iterdir()), *ctx.extras])
+            digests = self._tree_digests(ctx, payload, strip=relative)
+            for extra in ctx.extras:
+                if sha := ctx.digests.get(str(extra.relative_to(ctx.item_dir)), {}).get("sha256"):
+                    digests[extra.name] = sha
+            return [Target(stage, join_name(path, ctx.item, scheme), None, digests)], should_mark
+        if len(payload) > 1 or (is_unit and ctx.extras):
+            # Several outputs (e.g. one video per camera), or a payload with its extras, travel as one folder
+            # named after the item.
             stage = self._stage(ctx, payload + ctx.extras)
             remote = join_name(path, ctx.item, scheme) if is_folder else path.rstrip("/")
-            return [Target(stage, remote, None, self._tree_digests(ctx, payload + ctx.extras))], True
+            return [Target(stage, remote, None, self._tree_digests(ctx, payload + ctx.extras))], should_mark
         targets: list[Target] = []
         folder = path if is_folder else os.path.dirname(path.rstrip("/")) or "/"
         if payload:
@@ -154,13 +188,18 @@ class Ship(Handler[ShipOptions]):
                 targets.append(Target(source, remote, ctx.digests.get(relative, {}).get("sha256"), {}))
         for extra in ctx.extras:
             targets.append(Target(extra, join_name(folder, extra.name, scheme), None, {}))
-        return targets, bool(payload) and payload[0].is_dir()
+        return targets, should_mark
 
     @staticmethod
     def _stage(ctx: StepContext, paths: list[Path]) -> Path:
         stage = ctx.item_dir / STAGING_DIR / ctx.item
         shutil.rmtree(stage.parent, ignore_errors=True)
         stage.mkdir(parents=True)
+        names = [path.name for path in paths]
+        if len(set(names)) != len(names):
+            clash = next(name for name in names if names.count(name) > 1)
+            raise PermanentError(f"two files named {clash!r} would travel in one folder (the payload and an "
+                                 "extra); rename one")  # fmt: skip
         for path in paths:
             target = stage / path.name
             if path.is_dir():

@@ -1,174 +1,142 @@
-"""wait: keep the item in state `waiting` until a remote path exists or another spool's item reaches a state.
+"""wait: keep the item in state `waiting` until a condition holds: a remote path, a far sidecar, an HTTP status.
 
-Options: either `path` (URL template, may hold a glob with `*`, `?`, `[..]`,
-`**`; the newest match becomes field `found`, its URL `found_url`) or
-`sidecar` (URL of another spool's sidecar) with `state` (default `done`) and
-`import` (fields of that sidecar to copy into this item's fields); `interval`
-(between polls, default 10s), `timeout` (default 24h, counted from the first
-poll, across daemon restarts), and the connection options `identity`,
-`password_file`, `credential`, `known_hosts`, `host_key`, `connect_timeout`.
-Works with `sftp://` and `file://`.
+Options: one condition, or `any` (a list of conditions). A condition is exactly one of
+- `path`: a URL template, may hold a glob with `*`, `?`, `[..]`, `**`; the newest match becomes
+  field `found`, its URL `found_url`. With `settle` (a duration) the match must stay unchanged
+  (names, sizes, mtimes and kinds of it and everything below it; SFTP mtimes are whole seconds)
+  for that long: it is looked at again `settle` after each change, not after `interval`.
+- `sidecar`: URL of another spool's sidecar, with `state` (default `done`) and `import` (fields of
+  that sidecar to copy into this item's fields).
+- `url`: an http:// or https:// status to GET, with `json` (dotted paths into the reply mapped to
+  the value, or list of values, that mean done: all must match), `fail_on` (the same shape; any
+  match fails the step at once) and `import` (top-level fields of the reply copied into the item's).
 
-Side effects: none but the item's fields. A far-side `failed` fails this item
-permanently with the far side's error; a timeout fails it permanently. A lost
-connection while polling is logged and polling goes on until the timeout.
+`any: [{url: ..., json: ...}, {path: ..., settle: 30s}]` is done when the first of its conditions
+holds; each entry takes its own sub-options and connection options (else the step's), and cannot be
+mixed with a condition at the top of the step. The step's result says which one held (`held`: index,
+kind, URL) and `waited_s`. Also `interval` (between polls, default 10s), `timeout` (default 24h,
+counted from the first poll, across daemon restarts), and the connection options `identity`,
+`password_file`, `credential`, `known_hosts`, `host_key`, `connect_timeout` (for a url condition:
+the time one GET may take). Paths and sidecars work with `sftp://` and `file://`.
 
-The far side is untrusted: a glob match becomes `found` only if every name
-below the pattern's fixed folder is one path component (like an inbox name),
-else the step fails naming it; a sidecar is read to at most 1 MiB.
+Side effects: none but the item's fields. A far-side `failed` sidecar, a `fail_on` match, a 4xx
+other than 404, or the timeout fail the item permanently. A lost connection, a 5xx, a timed-out GET
+or a reply that is not a JSON object is logged, shown in the waiting message ("last poll failed:
+..."), and polling goes on until the timeout, whose message names the last such problem.
+
+The far side is untrusted: see `spoold.handlers.wait_conditions` and `spoold.http_status`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from pathlib import PurePosixPath
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from spoold.errors import PermanentError, TransientError
 from spoold.handlers.base import Handler, StepContext, StepResult
+from spoold.handlers.wait_conditions import ConditionOptions, Poller, make_poller
 from spoold.options import Seconds
-from spoold.templates import render_url
-from spoold.transports.base import (
-    ConnectionOptions,
-    RemoteEntry,
-    Transport,
-    check_component,
-    format_url,
-    parse_url,
-    redact_url,
-)
+from spoold.transports.base import ConnectionOptions
 
-SIDECAR_BYTES = 1 << 20
 
-SidecarState = Literal["queued", "running", "waiting", "retrying", "done", "failed"]
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AnyCondition(ConditionOptions):
+    """One entry of `any`; a connection option left out is the wait step's own."""
+
+    identity: str | None = None
+    password_file: str | None = None
+    credential: str | None = None
+    known_hosts: str | None = None
+    host_key: Literal["strict", "tofu"] | None = None
+    connect_timeout: Seconds | None = None
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def connection_settings(self, step: ConnectionOptions) -> dict[str, Any]:
+        """This entry's connection options over the step's."""
+        settings = step.connection_settings()
+        return {key: default if getattr(self, key) is None else getattr(self, key) for key, default in settings.items()}
 
 
 @dataclasses.dataclass(frozen=True)
-class WaitOptions(ConnectionOptions):
-    path: str | None = None
-    sidecar: str | None = None
-    state: SidecarState = "done"
-    import_: list[str] = dataclasses.field(default_factory=list, metadata={"key": "import"})
+class WaitOptions(ConditionOptions, ConnectionOptions):
+    any: list[AnyCondition] | None = None
     interval: Seconds = Seconds(10)
     timeout: Seconds = Seconds(86400)
 
     def __post_init__(self) -> None:
-        if (self.path is None) == (self.sidecar is None):
-            raise ValueError("give exactly one of path (a remote path or glob) or sidecar (another spool's sidecar)")
-        if self.import_ and self.sidecar is None:
-            raise ValueError("import works only with sidecar")
+        if self.any is None:
+            self.check()
+        elif not self.any:
+            raise ValueError("any needs at least one condition")
+        elif given := self.kinds_given() + self.sub_options_given():
+            raise ValueError(f"{', '.join(given)} cannot stand beside any; put each condition in the any list")
         if self.interval <= 0:
             raise ValueError("interval must be more than 0s")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be more than 0s")
+
+    def conditions(self) -> list[tuple[ConditionOptions, dict[str, Any]]]:
+        """Each condition with the connection settings it polls with."""
+        if self.any is None:
+            return [(self, self.connection_settings())]
+        return [(entry, entry.connection_settings(self)) for entry in self.any]
 
 
 class Wait(Handler[WaitOptions]):
     name = "wait"
     Options = WaitOptions
+    url_options = ("path", "sidecar", "any")
 
     def run(self, ctx: StepContext) -> StepResult:
-        if self.options.path:
-            # A value's `*?[` match only themselves, so a name cannot widen the glob.
-            url = render_url(self.options.path, ctx.template_values(), glob=True)
-        else:
-            url = ctx.render(self.options.sidecar or "")
-        parsed = parse_url(url)
-        shown = redact_url(url)
+        pollers = [make_poller(options, settings, ctx) for options, settings in self.options.conditions()]
         # Wall-clock start in the checkpoint: a restarted daemon keeps counting from the first poll.
         started = float(ctx.checkpoint.data.setdefault("started_at", time.time()))
         ctx.checkpoint.save()
         deadline = started + self.options.timeout
-        what = f"{shown} to exist" if self.options.path else f"{shown} to reach state {self.options.state!r}"
+        due = [0.0] * len(pollers)  # monotonic time each condition is next looked at
+        notes: dict[int, str] = {}
+        problems: dict[int, str] = {}
         while True:
             ctx.check_stop()
-            try:
-                transport: Transport = ctx.transport(url, self.options.connection_settings())
-                result = self._poll(transport, parsed.path, shown)
-                problem = ""
-            except TransientError as exc:
-                ctx.log.warning("wait: polling %s failed, will poll again: %s", shown, exc)
-                result, problem = None, f" (last poll failed: {exc})"
-            if result is not None:
-                result.result["waited_s"] = round(time.time() - started, 1)
-                return result
+            for index, poller in enumerate(pollers):
+                if due[index] > time.monotonic() and time.time() < deadline:  # at the deadline, one last look
+                    continue
+                try:
+                    poll = poller.poll(ctx)
+                except TransientError as exc:
+                    # One condition's failing server must not keep the others from being looked at.
+                    ctx.log.warning("wait: polling %s failed, will poll again: %s", poller.shown, exc)
+                    problems[index] = str(exc)
+                    notes.pop(index, None)
+                    due[index] = time.monotonic() + self.options.interval
+                    continue
+                problems.pop(index, None)
+                if poll.result is not None:
+                    return self._held(poll.result, index, poller, started)
+                notes[index] = poll.note
+                delay = self.options.interval if poll.recheck_seconds is None else poll.recheck_seconds
+                due[index] = time.monotonic() + delay
+            what = describe(pollers, notes)
+            problem = f" (last poll failed: {'; '.join(problems[i] for i in sorted(problems))})" if problems else ""
             now = time.time()
             if now >= deadline:
                 ctx.checkpoint.data.pop("started_at", None)  # `spoold retry` starts a fresh wait
                 raise PermanentError(f"timed out after {self.options.timeout:g}s waiting for {what}{problem}")
-            delay = min(self.options.interval, deadline - now)
+            delay = max(0.0, min(min(due) - time.monotonic(), deadline - now))
             ctx.waiting(f"{what}{problem}", delay)
             ctx.sleep(delay)
 
-    def _poll(self, transport: Transport, path: str, shown: str) -> StepResult | None:
-        if self.options.path is not None:
-            return _found(transport, path, shown)
-        entry = transport.stat(path)
-        if entry is None or entry.is_dir:
-            return None
-        data = transport.read_bytes(path, SIDECAR_BYTES + 1)
-        if len(data) > SIDECAR_BYTES:
-            raise PermanentError(f"{shown} is larger than {SIDECAR_BYTES} bytes; it is not a spoold sidecar")
-        try:
-            doc = json.loads(data)
-        except (ValueError, RecursionError):
-            return None  # written atomically, so this is not a sidecar yet; poll again
-        if not isinstance(doc, dict):
-            raise PermanentError(f"{shown} is not a spoold sidecar (not a JSON object)")
-        state = doc.get("state")
-        if state == self.options.state:
-            return self._imported(doc, shown)
-        if state == "failed":
-            error = doc.get("error") or {}
-            message = error.get("message") if isinstance(error, dict) else str(error)
-            step = error.get("step") if isinstance(error, dict) else None
-            raise PermanentError(f"far item {doc.get('queue')}/{doc.get('item')} failed"
-                                 f"{f' in step {step}' if step else ''}: {message or 'no reason given'}")  # fmt: skip
-        return None
-
-    def _imported(self, doc: dict[str, Any], shown: str) -> StepResult:
-        raw_fields = doc.get("fields")
-        far_fields: dict[str, Any] = raw_fields if isinstance(raw_fields, dict) else {}
-        fields: dict[str, Any] = {}
-        for name in self.options.import_:
-            if name in far_fields:
-                fields[name] = far_fields[name]
-            elif name in doc and name not in ("fields", "steps"):
-                fields[name] = doc[name]
-            else:
-                raise PermanentError(f"{shown} reached {doc.get('state')!r} but has no field {name!r} to import")
-        result = {"sidecar": shown, "state": doc.get("state"), "imported": sorted(fields)}
-        return StepResult(result=result, fields=fields)
+    def _held(self, held: StepResult, index: int, poller: Poller, started: float) -> StepResult:
+        held.result["held"] = {"index": index, "kind": poller.kind, "url": poller.shown}
+        held.result["waited_s"] = round(time.time() - started, 1)
+        return held
 
 
-def _found(transport: Transport, path: str, shown: str) -> StepResult | None:
-    matches: list[RemoteEntry] = []
-    if any(c in path for c in "*?["):
-        matches = transport.glob(path)
-        if not matches:
-            return None
-        newest: RemoteEntry = max(matches, key=lambda e: (e.mtime, e.path))
-        _check_match(path, newest.path, shown)
-    else:
-        entry = transport.stat(path)
-        if entry is None:
-            return None
-        newest = entry
-        matches = [entry]
-    url = format_url(parse_url(shown).with_path(newest.path)) if "://" in shown else newest.path
-    fields = {"found": newest.path, "found_url": url}
-    return StepResult(result={"found": newest.path, "matches": len(matches), "url": url}, fields=fields)
-
-
-def _check_match(pattern: str, found: str, shown: str) -> None:
-    """Refuse a match whose names below the pattern's fixed folder are not each one path component."""
-    parts = pattern.split("/")
-    literal = "/".join(parts[: next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))])
-    raw = f"{literal}/" if literal or pattern.startswith("/") else ""
-    # SFTP joins names onto a tidied folder (`/a//b` -> `/a/b`); S3 keys keep the pattern's own spelling.
-    tidy = str(PurePosixPath(literal)).rstrip("/") + "/" if literal else raw
-    prefix = next((p for p in (raw, tidy) if found.startswith(p)), None)
-    if prefix is None:
-        raise PermanentError(f"wait for {shown}: the match {found!r} is not below {literal or '/'}")
-    for name in found[len(prefix) :].split("/"):
-        check_component(name, f"wait for {shown}: the match {found!r}")
+def describe(pollers: Sequence[Poller], notes: Mapping[int, str]) -> str:
+    """What the step waits for, with what each condition last showed: one line for the sidecar."""
+    parts = [poller.describe() + (f" ({notes[i]})" if notes.get(i) else "") for i, poller in enumerate(pollers)]
+    return parts[0] if len(parts) == 1 else "any of: " + "; ".join(parts)

@@ -18,6 +18,8 @@ TRANSPORTS: dict[str, tuple[str, str]] = {
     # scheme: ("module:Class", pip extra that provides its library)
     "file": ("spoold.transports.local:LocalTransport", ""),
     "sftp": ("spoold.transports.sftp:SftpTransport", "sftp"),
+    # A remote `exec` (`ssh://`) rides the same SSH connection as the host's sftp:// steps.
+    "ssh": ("spoold.transports.sftp:SftpTransport", "sftp"),
     "s3": ("spoold.transports.s3:S3Transport", "s3"),
 }
 
@@ -46,13 +48,14 @@ class TransportPool:
 
     def get(self, url: str, settings: Mapping[str, Any]) -> Transport:
         parsed = parse_url(url)
-        key = (parsed.endpoint_key(), repr(sorted(settings.items())))
+        cls = transport_class(parsed.scheme)
+        key = (parsed.endpoint_key(), cls.connection_key(settings))
         with self._lock:
             transport = self._open.get(key)
             if transport is None or not transport.is_usable():
                 if transport is not None:
                     transport.close()
-                transport = transport_class(parsed.scheme)(parsed, settings)
+                transport = cls(parsed, settings)
                 self._open[key] = transport
             return transport
 

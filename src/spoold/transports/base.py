@@ -39,7 +39,8 @@ class ParsedUrl:
         return self.path.endswith("/")
 
     def endpoint_key(self) -> str:
-        return f"{self.scheme}://{self.user}@{self.host}:{self.port or ''}"
+        scheme = "sftp" if self.scheme == "ssh" else self.scheme  # one SSH connection serves both
+        return f"{scheme}://{self.user}@{self.host}:{self.port or ''}"
 
     def with_path(self, path: str) -> ParsedUrl:
         return dataclasses.replace(self, path=path)
@@ -252,6 +253,10 @@ class ConnectionOptions:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(ConnectionOptions)}
 
 
+# The settings that decide an SSH connection (the pool shares one connection among steps that agree on them).
+CONNECTION_KEYS = tuple(f.name for f in dataclasses.fields(ConnectionOptions))
+
+
 @dataclasses.dataclass(frozen=True)
 class RemoteEntry:
     """One remote file or folder, as `stat`, `glob` and `walk` report it."""
@@ -273,6 +278,36 @@ class TransferContext:
 
 
 @dataclasses.dataclass(frozen=True)
+class TreeLimits:
+    """How deep (path components below the root) and how big (files and folders) a pulled tree may be."""
+
+    depth: int = 32
+    files: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.files < 1:
+            raise ValueError("limits.depth and limits.files must be at least 1")
+
+    def check(self, relative: str, count: int, root: str) -> None:
+        """Refuse entry number `count` at `relative` (below `root`) when it passes a limit."""
+        if relative.count("/") + 1 > self.depth:
+            raise PermanentError(f"{root}: {shown_name(relative)} is nested more than {self.depth} levels deep "
+                                 "(limits.depth); nothing was pulled")  # fmt: skip
+        if count > self.files:
+            raise PermanentError(f"{root} holds more than {self.files} files and folders (limits.files); "
+                                 "nothing was pulled")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    """How a command run on the far host ended: its exit status and the tails of its output."""
+
+    status: int
+    stdout: str
+    stderr: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Delivered:
     """Where a file or folder ended up, and whether its copy was verified."""
 
@@ -287,6 +322,11 @@ class Transport(ABC):
     def __init__(self, url: ParsedUrl, settings: Mapping[str, Any]) -> None:
         self.url = url
         self.settings = settings
+
+    @classmethod
+    def connection_key(cls, settings: Mapping[str, Any]) -> str:
+        """What of `settings` decides the connection: steps that agree on it share one (the pool's key)."""
+        return repr(sorted(settings.items()))
 
     def is_usable(self) -> bool:
         """False when the connection died and the pool should open a new one."""
@@ -319,12 +359,29 @@ class Transport(ABC):
         """Entries matching a glob pattern (`*`, `?`, `**`)."""
         raise PermanentError(f"{self.url.scheme}:// cannot match remote patterns")
 
+    def tree(self, target: str) -> list[RemoteEntry]:
+        """`target`'s entry and all below it, sorted by path ([] if missing); symlinks never followed; bounded
+        by `TreeLimits` (see `local.check_listed`), so a far side cannot make a settling `wait` list forever."""
+        raise PermanentError(f"{self.url.scheme}:// cannot list remote trees")
+
+    def run_command(self, command: str, *, timeout: float, check_stop: Callable[[], None]) -> CommandResult:
+        """Run a shell command line on the far host (its words already quoted); CommandTimedOut past `timeout`."""
+        raise PermanentError(f"{self.url.scheme}:// cannot run commands on the far host")
+
     def read_bytes(self, target: str, limit: int = 1 << 20) -> bytes:
         """The content of a small remote file."""
         raise PermanentError(f"{self.url.scheme}:// cannot read remote files")
 
-    def get_tree(self, source: str, target: Path, ctx: TransferContext) -> list[Path]:
-        """Download a remote file or folder into local folder `target`, resumably."""
+    def get_tree(
+        self, source: str, target: Path, ctx: TransferContext, *, name: str | None = None,
+        limits: TreeLimits | None = None,
+    ) -> list[Path]:  # fmt: skip
+        """Download a remote file or folder into local folder `target` as `name` (default: its own name).
+
+        Published atomically under a temp name beside it; an earlier copy is replaced whole, but a file
+        never replaces a folder nor a folder a file. `limits` bound a pulled tree (default `TreeLimits()`);
+        they are per call, never transport settings, since one connection serves every step that shares it.
+        """
         raise PermanentError(f"{self.url.scheme}:// cannot download")
 
 

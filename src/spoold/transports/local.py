@@ -8,14 +8,13 @@ shipped are skipped, as by the other transports; a pulled folder holding one
 is refused.
 
 Also here, because every transport that lands a remote tree needs them without
-importing paramiko or boto3: temp names (`part_name`) and the bounds on a pulled
-tree (`TreeLimits`). The rule for one untrusted name is `base.check_component`.
+importing paramiko or boto3: temp names (`part_name`). The bounds on a pulled
+tree are `base.TreeLimits`; the rule for one untrusted name is `base.check_component`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import glob as globmod
 import hashlib
@@ -24,7 +23,7 @@ import shutil
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from spoold.digest import CHUNK_BYTES, MultiHasher, hash_file
 from spoold.errors import ChecksumMismatch, PermanentError, TransientError
@@ -35,6 +34,7 @@ from spoold.transports.base import (
     RemoteEntry,
     TransferContext,
     Transport,
+    TreeLimits,
     check_component,
     shown_name,
 )
@@ -61,30 +61,56 @@ def describe_mode(mode: int | None) -> str:
     return "of an unknown type" if mode is None else describe_type(mode)
 
 
-@dataclasses.dataclass(frozen=True)
-class TreeLimits:
-    """How deep (path components below the root) and how big (files and folders) a pulled tree may be."""
+def check_replaceable(final: Path, is_tree: bool) -> None:
+    """A pulled file may replace a file (or a link itself), a pulled folder only a folder; never across kinds."""
+    try:
+        mode = os.lstat(final).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode) and not is_tree:
+        raise PermanentError(f"{final} is a folder; a pulled file does not replace it")
+    if is_tree and not stat.S_ISDIR(mode):
+        raise PermanentError(f"{final} exists and is {describe_mode(mode)}; a pulled folder does not replace it, "
+                             "and a symlink there is never followed")  # fmt: skip
 
-    depth: int = 32
-    files: int = 100_000
 
-    def __post_init__(self) -> None:
-        if self.depth < 1 or self.files < 1:
-            raise ValueError("limits.depth and limits.files must be at least 1")
+def check_listed(limits: TreeLimits, relative: str, count: int, root: str) -> None:
+    """Refuse entry number `count` at `relative` of a tree listed by `Transport.tree` when it passes `limits`."""
+    if relative.count("/") + 1 > limits.depth:
+        raise PermanentError(f"{root}: {shown_name(relative)} is nested more than {limits.depth} levels deep; "
+                             "too deep to watch for changes")  # fmt: skip
+    if count > limits.files:
+        raise PermanentError(f"{root} holds more than {limits.files} files and folders; too many to watch for "
+                             "changes")  # fmt: skip
 
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> TreeLimits:
-        """The limits `pull` passes in its transport settings (`max_depth`, `max_files`), else the defaults."""
-        return cls(int(settings.get("max_depth") or cls.depth), int(settings.get("max_files") or cls.files))
 
-    def check(self, relative: str, count: int, root: str) -> None:
-        """Refuse entry number `count` at `relative` (below `root`) when it passes a limit."""
-        if relative.count("/") + 1 > self.depth:
-            raise PermanentError(f"{root}: {shown_name(relative)} is nested more than {self.depth} levels deep "
-                                 "(limits.depth); nothing was pulled")  # fmt: skip
-        if count > self.files:
-            raise PermanentError(f"{root} holds more than {self.files} files and folders (limits.files); "
-                                 "nothing was pulled")  # fmt: skip
+def list_tree(root: str, limits: TreeLimits) -> list[RemoteEntry]:
+    """`root` and everything below it by lstat (a symlink is an entry, never followed); [] when it is missing."""
+    try:
+        top = os.lstat(root)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise PermanentError(f"cannot stat {root}: {exc.strerror}") from None
+    out = [RemoteEntry(root, top.st_size, top.st_mtime, stat.S_ISDIR(top.st_mode))]
+    pending = [""] if stat.S_ISDIR(top.st_mode) else []
+    while pending:
+        relative = pending.pop()
+        try:
+            with os.scandir(os.path.join(root, relative) if relative else root) as listing:
+                for entry in listing:
+                    path = f"{relative}/{entry.name}" if relative else entry.name
+                    check_listed(limits, path, len(out), root)  # while listing: a huge folder is never held whole
+                    with contextlib.suppress(FileNotFoundError):  # removed meanwhile: the next listing differs
+                        info = entry.stat(follow_symlinks=False)
+                        out.append(RemoteEntry(entry.path, info.st_size, info.st_mtime, stat.S_ISDIR(info.st_mode)))
+                        if stat.S_ISDIR(info.st_mode):
+                            pending.append(path)
+        except FileNotFoundError:
+            continue  # removed while listed: its own entry is gone from the next listing too
+        except OSError as exc:
+            raise PermanentError(f"cannot list {os.path.join(root, relative)}: {exc.strerror}") from None
+    return sorted(out, key=lambda e: e.path)
 
 
 def _remove(path: Path) -> None:
@@ -181,6 +207,9 @@ class LocalTransport(Transport):
         entries = [self.stat(p) for p in globmod.glob(pattern, recursive=True)]
         return [e for e in entries if e is not None]
 
+    def tree(self, target: str) -> list[RemoteEntry]:
+        return list_tree(target.rstrip("/") or "/", TreeLimits())
+
     def read_bytes(self, target: str, limit: int = 1 << 20) -> bytes:
         try:
             with open(target, "rb") as stream:
@@ -190,15 +219,21 @@ class LocalTransport(Transport):
         except OSError as exc:
             raise TransientError(f"cannot read {target}: {exc.strerror}") from None
 
-    def get_tree(self, source: str, target: Path, ctx: TransferContext) -> list[Path]:
+    def get_tree(
+        self, source: str, target: Path, ctx: TransferContext, *, name: str | None = None,
+        limits: TreeLimits | None = None,
+    ) -> list[Path]:  # fmt: skip
         named = Path(source.rstrip("/"))
         # The root is the step's own path, so a link there is the operator's and is followed; nothing below is.
         origin = named.resolve()
         if not origin.exists():
             raise PermanentError(f"{source} does not exist")
-        destination = target / check_component(named.name, f"pull from {source}")
+        destination = target / check_component(named.name if name is None else name, f"pull from {source}")
+        if origin.is_dir() and Path(os.path.abspath(destination)).is_relative_to(origin):
+            raise PermanentError(f"pull from {source} into {destination}: the target lies inside the source")
+        check_replaceable(destination, origin.is_dir())
         if origin.is_dir():
-            check_local_tree(origin, TreeLimits.from_settings(self.settings))
+            check_local_tree(origin, limits or TreeLimits())
             self.put_tree(origin, str(destination), {}, ctx)
         else:
             self.put_file(origin, str(destination), None, ctx)

@@ -15,19 +15,28 @@ import errno
 import hashlib
 import logging
 import posixpath
-import re
-import shlex
-import stat as statmod
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import paramiko
 
-from spoold.errors import ChecksumMismatch, PermanentError, SpooldError, TransientError
-from spoold.transports.base import Delivered, RemoteEntry, TransferContext, Transport, check_component, join_remote
-from spoold.transports.local import TreeLimits, describe_mode, part_name
+from spoold.errors import CommandTimedOut, PermanentError, SpooldError, TransientError
+from spoold.transports import ssh_exec
+from spoold.transports.base import (
+    CONNECTION_KEYS,
+    CommandResult,
+    Delivered,
+    RemoteEntry,
+    TransferContext,
+    Transport,
+    TreeLimits,
+    check_component,
+    join_remote,
+)
+from spoold.transports.local import part_name
+from spoold.transports.sftp_digest import FarDigests
 from spoold.transports.sftp_tree import (
     CHUNK_BYTES,
     REQUEST_BYTES,
@@ -35,12 +44,12 @@ from spoold.transports.sftp_tree import (
     entry,
     fetch,
     has_magic,
+    list_tree,
     local_tree,
     makedirs,
     match,
-    read_back_sha256,
+    pull_listing,
     rmtree,
-    walk,
 )
 from spoold.transports.ssh_connect import connect, open_sftp
 
@@ -66,7 +75,7 @@ class SftpTransport(Transport):
         self._lock = threading.Lock()
         self._ssh: paramiko.Transport | None = None
         self._local = threading.local()
-        self._can_exec: bool | None = None
+        self._digests: FarDigests | None = None
         self._io_timeout = max(float(settings.get("connect_timeout") or 30), 30.0)
 
     # -- connection -------------------------------------------------------------------------------
@@ -86,7 +95,7 @@ class SftpTransport(Transport):
             if self._ssh is None or not self._ssh.is_active():
                 with self._mapped(f"connect to {self.url.host}"):
                     self._ssh = connect(self.url, self.settings, WINDOW_BYTES, PACKET_BYTES)
-                self._can_exec = None
+                self._digests = FarDigests(self._ssh, self._io_timeout)
             ssh = self._ssh
         client: paramiko.SFTPClient | None = getattr(self._local, "client", None)
         if client is None or client.get_channel().get_transport() is not ssh or client.get_channel().closed:
@@ -142,7 +151,7 @@ class SftpTransport(Transport):
             size, sent = self._send(client, source, tmp, ctx, 0)
             if sha256 and sent != sha256:
                 raise PermanentError(f"{source.name} changed since its checksum was taken")
-            self._verify(client, {tmp: sha256 or sent}, target)
+            self._far_digests().verify(client, {tmp: sha256 or sent}, f"{self.url.host}:{target}")
             client.posix_rename(tmp, target)
         return Delivered(target, size, is_verified=True)
 
@@ -188,7 +197,7 @@ class SftpTransport(Transport):
     ) -> None:
         if not pending:
             return
-        self._verify(client, pending, tmp)
+        self._far_digests().verify(client, pending, f"{self.url.host}:{tmp}")
         verified.extend(posixpath.relpath(p, tmp) for p in pending)
         pending.clear()
         ctx.save_checkpoint()
@@ -244,67 +253,33 @@ class SftpTransport(Transport):
         while left and (chunk := reader.read(min(CHUNK_BYTES, left))):
             hasher.update(chunk)
             left -= len(chunk)
-        remote_digest = self._remote_sha256(client, remote, existing)
+        remote_digest = self._far_digests().of_prefix(client, remote, existing)
         if remote_digest != hasher.copy().hexdigest():
             log.warning("%s: the partial upload does not match the local file; sending it again", remote)
             return 0
         log.info("%s: resuming upload at %d of %d bytes", remote, existing, size)
         return existing
 
-    # -- verification -----------------------------------------------------------------------------
+    def _far_digests(self) -> FarDigests:
+        assert self._digests is not None, "connected by _client() first"
+        return self._digests
 
-    def _verify(self, client: paramiko.SFTPClient, expected: Mapping[str, str], shown: str) -> None:
-        actual = self._remote_sha256_many(client, list(expected))
-        bad = [path for path, digest in expected.items() if actual.get(path) != digest]
-        for path in bad:
-            with contextlib.suppress(OSError):
-                client.remove(path)
-        if bad:
-            raise ChecksumMismatch(f"{len(bad)} file(s) at {self.url.host}:{shown} do not hash to what was sent "
-                                   f"(first: {posixpath.basename(bad[0])}); they will be sent again")  # fmt: skip
-
-    def _remote_sha256_many(self, client: paramiko.SFTPClient, paths: list[str]) -> dict[str, str]:
-        hashed: dict[str, str] = {}
-        if self._can_exec is not False:
-            output = self._exec("sha256sum -- " + " ".join(shlex.quote(p) for p in paths))
-            for line in (output or "").splitlines():
-                digest, _, name = line.partition("  ")
-                if re.fullmatch(r"[0-9a-f]{64}", digest):
-                    hashed[name] = digest
-        for path in paths:
-            if path not in hashed:
-                hashed[path] = read_back_sha256(client, path, None)
-        return hashed
-
-    def _remote_sha256(self, client: paramiko.SFTPClient, path: str, length: int) -> str:
-        if self._can_exec is not False:
-            output = self._exec(f"head -c {int(length)} -- {shlex.quote(path)} | sha256sum")
-            match = re.match(r"([0-9a-f]{64})\s", output or "")
-            if match:
-                return match.group(1)
-        return read_back_sha256(client, path, length)
-
-    def _exec(self, command: str) -> str | None:
-        """stdout of `command` on the far side, or None when the server does not run commands for us."""
+    def run_command(self, command: str, *, timeout: float, check_stop: Callable[[], None]) -> CommandResult:
+        self._client()  # connects, or reconnects after a cut link
         assert self._ssh is not None
-        try:
-            channel = self._ssh.open_session()
-        except paramiko.ChannelException:
-            self._can_exec = False
-            return None
-        with channel:
-            # Hashing a large file on the far side can take a while before the first byte comes back.
-            channel.settimeout(max(self._io_timeout, 600.0))
-            channel.exec_command(command)
-            output = bytearray()
-            while data := channel.recv(65536):
-                output += data
-            status = channel.recv_exit_status()
-        if status in (126, 127, -1):
-            self._can_exec = False
-            return None
-        self._can_exec = True
-        return output.decode(errors="replace") if status == 0 else None
+        with self._mapped(f"run a command on {self.url.host}"):
+            try:
+                return ssh_exec.run(self._ssh, command, timeout=timeout, check_stop=check_stop)
+            except ssh_exec.ExecRefused as exc:
+                raise PermanentError(f"{self.url.host} does not run commands for this account: {exc}") from None
+            except CommandTimedOut:
+                self.close()  # a link gone silent would wedge every later command on it
+                raise
+
+    @classmethod
+    def connection_key(cls, settings: Mapping[str, Any]) -> str:
+        # ship, wait, pull and exec add options of their own; only these decide the SSH connection.
+        return repr(sorted((k, settings.get(k)) for k in CONNECTION_KEYS))
 
     def stat(self, target: str) -> RemoteEntry | None:
         client = self._client()
@@ -325,38 +300,40 @@ class SftpTransport(Transport):
         with self._mapped(f"list {self.url.host}:{pattern}"):
             return match(client, "/".join(parts[:first]) or "/", parts[first:], [0])
 
+    def tree(self, target: str) -> list[RemoteEntry]:
+        with self._mapped(f"list {self.url.host}:{target}"):
+            return list_tree(self._client(), target.rstrip("/") or "/", TreeLimits())
+
     def read_bytes(self, target: str, limit: int = 1 << 20) -> bytes:
         client = self._client()
         with self._mapped(f"read {self.url.host}:{target}"), client.open(target, "rb") as stream:
             data: bytes = stream.read(limit)
         return data
 
-    def get_tree(self, source: str, target: Path, ctx: TransferContext) -> list[Path]:
-        """Download a remote file or folder into `target` under its own name, through a `Landing`.
+    def get_tree(self, source: str, target: Path, ctx: TransferContext, *, name: str | None = None,
+                 limits: TreeLimits | None = None) -> list[Path]:  # fmt: skip
+        """Download a remote file or folder into `target` as `name` (default: its own), through a `Landing`.
 
         The root is the step's own path, so a link there is followed; below it the server's listing is
         checked whole first (`walk`) and nothing in it is followed. Partial files are continued on a re-run.
         """
         client = self._client()
         origin = source.rstrip("/") or "/"
-        name = check_component(posixpath.basename(origin), f"pull from {self.url.host}:{origin}")
+        name = check_component(posixpath.basename(origin) if name is None else name, f"pull from {origin}")
         tmp = part_name(name, PART_SUFFIX)
-        limits = TreeLimits.from_settings(self.settings)
         with self._mapped(f"download {self.url.host}:{origin}"):
             try:
-                top = client.stat(origin)
-            except FileNotFoundError:
-                raise PermanentError(f"{self.url.host}:{origin} does not exist") from None
-            is_tree = statmod.S_ISDIR(top.st_mode or 0)
-            if not is_tree and not statmod.S_ISREG(top.st_mode or 0):
-                raise PermanentError(f"{self.url.host}:{origin} is {describe_mode(top.st_mode)}; not pulled")
-            try:
-                files = walk(client, origin, limits) if is_tree else [("", top.st_size or 0)]
+                is_tree, files = pull_listing(client, origin, f"{self.url.host}:{origin}", limits or TreeLimits())
             except BaseException:
                 self._forget_client()  # a listing left half read must not confuse the next request
                 raise
             total, done = sum(s for _, s in files if s >= 0), 0
+
+            def report(n: int) -> None:
+                ctx.progress(done + n, total)  # `done` as it is when called: the bytes of the files before this one
+
             with Landing(target) as landing:
+                landing.check_replaceable(name, is_tree)  # before the download, which may be long; again at publish
                 if is_tree:
                     landing.makedirs([tmp])
                 for relative, size in files:
@@ -366,10 +343,6 @@ class SftpTransport(Transport):
                         continue
                     ctx.check_stop()
                     remote = join_remote(origin, relative) if relative else origin
-
-                    def report(n: int, base: int = done) -> None:
-                        ctx.progress(base + n, total)
-
                     writer, offset = landing.open_file(parts)
                     with writer:
                         fetch(client, remote, writer, offset, size, report)

@@ -26,8 +26,8 @@ from typing import BinaryIO
 import paramiko
 
 from spoold.errors import PermanentError, TransientError
-from spoold.transports.base import RemoteEntry, check_component, join_remote
-from spoold.transports.local import OLD_SUFFIX, TreeLimits, describe_mode, part_name
+from spoold.transports.base import RemoteEntry, TreeLimits, check_component, join_remote
+from spoold.transports.local import OLD_SUFFIX, check_listed, describe_mode, part_name
 
 # OpenSSH's sftp-server takes reads and writes up to 255 KiB; paramiko's default is 32 KiB.
 REQUEST_BYTES = 255 * 1024
@@ -150,6 +150,47 @@ def walk(client: paramiko.SFTPClient, origin: str, limits: TreeLimits) -> list[t
                                      "files and folders are pulled, and a symlink is never followed")  # fmt: skip
         pending += reversed(folders)
     return sorted(out)
+
+
+def pull_listing(
+    client: paramiko.SFTPClient, origin: str, shown: str, limits: TreeLimits
+) -> tuple[bool, list[tuple[str, int]]]:
+    """(whether `origin` is a folder, what `walk` lists of it); a file is the one entry `("", size)`.
+
+    The root is the step's own path, so a link there is followed; a special file there is refused.
+    """
+    try:
+        top = client.stat(origin)
+    except FileNotFoundError:
+        raise PermanentError(f"{shown} does not exist") from None
+    if statmod.S_ISDIR(top.st_mode or 0):
+        return True, walk(client, origin, limits)
+    if not statmod.S_ISREG(top.st_mode or 0):
+        raise PermanentError(f"{shown} is {describe_mode(top.st_mode)}; not pulled")
+    return False, [("", top.st_size or 0)]
+
+
+def list_tree(client: paramiko.SFTPClient, origin: str, limits: TreeLimits) -> list[RemoteEntry]:
+    """`origin` and every entry below it as the server lists them (a symlink is an entry, never followed), sorted
+    by path; [] when `origin` does not exist. Names are checked (`listing`) and the count and depth bounded."""
+    try:
+        top = client.lstat(origin)
+    except FileNotFoundError:
+        return []
+    out = [entry(origin, top)]
+    pending = [""] if statmod.S_ISDIR(top.st_mode or 0) else []
+    while pending:
+        relative = pending.pop()
+        try:
+            for attrs in listing(client, join_remote(origin, relative) if relative else origin):
+                path = f"{relative}/{attrs.filename}" if relative else attrs.filename
+                check_listed(limits, path, len(out), f"remote {origin}")
+                out.append(entry(join_remote(origin, path), attrs))
+                if statmod.S_ISDIR(attrs.st_mode or 0):
+                    pending.append(path)
+        except FileNotFoundError:
+            continue  # removed while listed: its own entry is gone from the next listing too
+    return sorted(out, key=lambda e: e.path)
 
 
 def local_tree(source: Path) -> list[tuple[str, Path | None]]:
@@ -286,22 +327,27 @@ class Landing:
             raise PermanentError(f"{self.root / '/'.join(parts)} is {describe_mode(info.st_mode)}; not written")
         return os.fdopen(fd, "wb"), info.st_size
 
+    def check_replaceable(self, final: str, is_tree: bool) -> os.stat_result | None:
+        """What is at `final` now, if a pulled file (`is_tree` False) or folder may replace it; else PermanentError."""
+        existing = _lstat(check_component(final, f"landing in {self.root}"), self.fd)
+        if existing is not None and statmod.S_ISDIR(existing.st_mode) and not is_tree:
+            raise PermanentError(f"{self.root / final} is a folder; a pulled file does not replace it")
+        if existing is not None and is_tree and not statmod.S_ISDIR(existing.st_mode):
+            raise PermanentError(f"{self.root / final} exists and is {describe_mode(existing.st_mode)}; a pulled "
+                                 "folder does not replace it, and a symlink there is never followed")  # fmt: skip
+        return existing
+
     def publish(self, tmp: str, final: str) -> Path:
         """Rename `tmp` to `final` in the folder; an earlier folder at `final` (a re-run) is replaced whole."""
         where = self.root / final
-        existing = _lstat(final, self.fd)
         is_tree = statmod.S_ISDIR(os.stat(tmp, dir_fd=self.fd, follow_symlinks=False).st_mode)
-        if existing is not None and statmod.S_ISDIR(existing.st_mode):
-            if not is_tree:
-                raise PermanentError(f"{where} is a folder; a pulled file does not replace it")
+        existing = self.check_replaceable(final, is_tree)
+        if existing is not None and is_tree:
             old = part_name(final, OLD_SUFFIX)
             _remove_at(old, self.fd)
             os.rename(final, old, src_dir_fd=self.fd, dst_dir_fd=self.fd)
             os.rename(tmp, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
             _remove_at(old, self.fd)
-        elif existing is not None and is_tree:
-            raise PermanentError(f"{where} exists and is {describe_mode(existing.st_mode)}; a pulled folder does "
-                                 "not replace it, and a symlink there is never followed")  # fmt: skip
         else:
             os.replace(tmp, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)  # replaces a link itself, never its target
         os.fsync(self.fd)
