@@ -89,3 +89,27 @@ def test_a_file_with_extras_reaches_a_far_spool_as_one_item(
         assert sorted(os.listdir(folder)) == with_extras(name), "side by side, and no marker"
         assert (folder / name).read_bytes() == payloads[queue]
     assert far.process.poll() is None
+
+
+def test_a_bundle_with_a_manifest_keeps_its_shape_in_a_far_inbox(
+    tmp_path: Path, spool: Path, daemon: Any, write_config: Any
+) -> None:
+    far_spool = tmp_path / "far" / "spool"
+    far = daemon(write_config(json.dumps({"spool": str(far_spool), "queues": {"episodes": {
+        "items": "bundles", "chain": [{"checksum": {}}]}}}), name="far.yaml"), wait=False)  # fmt: skip
+    far.wait_ready(far_spool)
+    ship = {"to": f"file://{far_spool / 'episodes' / 'inbox'}/"}
+    daemon(write_config(json.dumps({"spool": "{spool}", "queues": {"episodes": {
+        "items": "bundles", "chain": [{"checksum": {}}, {"manifest": {}}, {"ship": ship}]}}})))  # fmt: skip
+    episode = spool / "episodes" / "inbox" / "ep1"
+    frames = {f"cam_{side}/frame_{n:03d}.png": os.urandom(500) for side in ("left", "right") for n in range(3)}
+    for relative, data in frames.items():
+        (episode / relative).parent.mkdir(parents=True, exist_ok=True)
+        (episode / relative).write_bytes(data)
+    (spool / "episodes" / "inbox" / "ep1.ready").write_text(json.dumps({"robot": "r2"}))
+    got = wait_for(sidecar_state(far_spool, "episodes", "ep1", "done"), 30, "the episode to arrive")
+    assert got["fields"] == {"robot": "r2"}
+    folder = far_spool / "episodes" / "done" / "ep1" / got["payload"][0]
+    assert visible(folder) == ["cam_left", "cam_right", "ep1.manifest.json"], "no extra folder level"
+    for relative, data in frames.items():
+        assert (folder / relative).read_bytes() == data

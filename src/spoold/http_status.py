@@ -41,8 +41,10 @@ def shown_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}{query}"
 
 
-def follow_redirect(origin: str, current: str, location: str) -> str:
-    """Where a redirect from `current` leads, if it may be followed: http(s) on `origin`'s host, never https -> http."""
+def follow_redirect(origin: str, current: str, location: str, allowed: frozenset[str] = frozenset(),
+                    allow_option: str | None = None) -> str:  # fmt: skip
+    """Where a redirect from `current` leads, if it may be followed: http(s), on `origin`'s host or one of
+    `allowed`, never https -> http. `allow_option` names the step option that would allow another host."""
     target = urllib.parse.urljoin(current, location)
     parts, now = urllib.parse.urlsplit(target), urllib.parse.urlsplit(current)
     host, home = (parts.hostname or "").lower(), (urllib.parse.urlsplit(origin).hostname or "").lower()
@@ -51,8 +53,9 @@ def follow_redirect(origin: str, current: str, location: str) -> str:
         raise PermanentError(f"only http:// and https:// redirects are followed, and {shown}")
     if now.scheme == "https" and parts.scheme == "http":
         raise PermanentError(f"{shown}: a redirect from https to plain http is never followed")
-    if host != home:
-        raise PermanentError(f"{shown}: a redirect to another host ({host}) is not followed")
+    if host != home and host not in allowed:
+        hint = f" unless the step allows it ({allow_option}: [{host}])" if allow_option else ""
+        raise PermanentError(f"{shown}: a redirect to another host ({host}) is not followed{hint}")
     return target
 
 

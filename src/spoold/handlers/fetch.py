@@ -45,6 +45,7 @@ from typing import Any
 from spoold.digest import CHUNK_BYTES, hash_file
 from spoold.errors import ChecksumMismatch, PermanentError, TransientError
 from spoold.handlers.base import Handler, StepContext, StepResult
+from spoold.http_status import follow_redirect
 from spoold.options import Bytes, Seconds
 from spoold.transports.base import check_component, redact_url
 from spoold.transports.local import part_name
@@ -237,7 +238,7 @@ def _verify(path: Path, spec: FileSpec) -> str | None:
 
 
 def _open(url: str, options: FetchOptions, headers: dict[str, str]) -> tuple[http.client.HTTPConnection, Any]:
-    """GET `url` with separate connect and read timeouts, following a few redirects that `_follow` allows."""
+    """GET `url` with separate connect and read timeouts, following a few redirects that `follow_redirect` allows."""
     origin = url
     for _ in range(_REDIRECTS + 1):
         parts = urllib.parse.urlsplit(url)
@@ -254,26 +255,11 @@ def _open(url: str, options: FetchOptions, headers: dict[str, str]) -> tuple[htt
             raise
         if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
             conn.close()
-            url = _follow(origin, url, response.getheader("Location") or "", options.redirect_hosts())
+            url = follow_redirect(origin, url, response.getheader("Location") or "", options.redirect_hosts(),
+                                  "allow_redirects_to")
             continue
         return conn, response
     raise PermanentError(f"too many redirects for {redact_url(url)}")
-
-
-def _follow(origin: str, current: str, location: str, allowed: frozenset[str]) -> str:
-    """Where a redirect from `current` leads, if it may be followed: http(s), same host as `origin` or allowed."""
-    target = urllib.parse.urljoin(current, location)
-    parts, now = urllib.parse.urlsplit(target), urllib.parse.urlsplit(current)
-    host, home = (parts.hostname or "").lower(), (urllib.parse.urlsplit(origin).hostname or "").lower()
-    shown = f"{redact_url(origin)} redirects to {redact_url(target)}"
-    if parts.scheme not in ("http", "https") or not host:
-        raise PermanentError(f"only http:// and https:// redirects are followed, and {shown}")
-    if now.scheme == "https" and parts.scheme == "http":
-        raise PermanentError(f"{shown}: a redirect from https to plain http is never followed")
-    if host != home and host not in allowed:
-        raise PermanentError(f"{shown}: another host ({host}) is not followed unless the step allows it "
-                             f"(allow_redirects_to: [{host}])")  # fmt: skip
-    return target
 
 
 class _Download:

@@ -288,14 +288,14 @@ class TreeLimits:
         if self.depth < 1 or self.files < 1:
             raise ValueError("limits.depth and limits.files must be at least 1")
 
-    def check(self, relative: str, count: int, root: str) -> None:
+    def check(self, relative: str, count: int, root: str, consequence: str = "nothing was pulled") -> None:
         """Refuse entry number `count` at `relative` (below `root`) when it passes a limit."""
         if relative.count("/") + 1 > self.depth:
             raise PermanentError(f"{root}: {shown_name(relative)} is nested more than {self.depth} levels deep "
-                                 "(limits.depth); nothing was pulled")  # fmt: skip
+                                 f"(limits.depth); {consequence}")  # fmt: skip
         if count > self.files:
             raise PermanentError(f"{root} holds more than {self.files} files and folders (limits.files); "
-                                 "nothing was pulled")  # fmt: skip
+                                 f"{consequence}")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,7 +361,7 @@ class Transport(ABC):
 
     def tree(self, target: str) -> list[RemoteEntry]:
         """`target`'s entry and all below it, sorted by path ([] if missing); symlinks never followed; bounded
-        by `TreeLimits` (see `local.check_listed`), so a far side cannot make a settling `wait` list forever."""
+        by `TreeLimits` (`TreeLimits.check`), so a far side cannot make a settling `wait` list forever."""
         raise PermanentError(f"{self.url.scheme}:// cannot list remote trees")
 
     def run_command(self, command: str, *, timeout: float, check_stop: Callable[[], None]) -> CommandResult:

@@ -36,13 +36,16 @@ from spoold.transports.base import (
     Transport,
     TreeLimits,
     check_component,
-    shown_name,
 )
 
 PART_SUFFIX = ".spoold.part"
 OLD_SUFFIX = ".spoold.old"
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+# Why a tree that `wait: {settle: ...}` lists is refused when it passes its limits.
+WATCH_REFUSED = "too large to watch for changes"
 
 
 # -- untrusted names ------------------------------------------------------------------------------
@@ -74,16 +77,6 @@ def check_replaceable(final: Path, is_tree: bool) -> None:
                              "and a symlink there is never followed")  # fmt: skip
 
 
-def check_listed(limits: TreeLimits, relative: str, count: int, root: str) -> None:
-    """Refuse entry number `count` at `relative` of a tree listed by `Transport.tree` when it passes `limits`."""
-    if relative.count("/") + 1 > limits.depth:
-        raise PermanentError(f"{root}: {shown_name(relative)} is nested more than {limits.depth} levels deep; "
-                             "too deep to watch for changes")  # fmt: skip
-    if count > limits.files:
-        raise PermanentError(f"{root} holds more than {limits.files} files and folders; too many to watch for "
-                             "changes")  # fmt: skip
-
-
 def list_tree(root: str, limits: TreeLimits) -> list[RemoteEntry]:
     """`root` and everything below it by lstat (a symlink is an entry, never followed); [] when it is missing."""
     try:
@@ -100,7 +93,8 @@ def list_tree(root: str, limits: TreeLimits) -> list[RemoteEntry]:
             with os.scandir(os.path.join(root, relative) if relative else root) as listing:
                 for entry in listing:
                     path = f"{relative}/{entry.name}" if relative else entry.name
-                    check_listed(limits, path, len(out), root)  # while listing: a huge folder is never held whole
+                    # While listing: a huge folder is never held whole.
+                    limits.check(path, len(out), root, WATCH_REFUSED)
                     with contextlib.suppress(FileNotFoundError):  # removed meanwhile: the next listing differs
                         info = entry.stat(follow_symlinks=False)
                         out.append(RemoteEntry(entry.path, info.st_size, info.st_mtime, stat.S_ISDIR(info.st_mode)))

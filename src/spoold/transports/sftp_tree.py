@@ -27,7 +27,7 @@ import paramiko
 
 from spoold.errors import PermanentError, TransientError
 from spoold.transports.base import RemoteEntry, TreeLimits, check_component, join_remote
-from spoold.transports.local import OLD_SUFFIX, check_listed, describe_mode, part_name
+from spoold.transports.local import OLD_SUFFIX, WATCH_REFUSED, describe_mode, part_name
 
 # OpenSSH's sftp-server takes reads and writes up to 255 KiB; paramiko's default is 32 KiB.
 REQUEST_BYTES = 255 * 1024
@@ -184,7 +184,7 @@ def list_tree(client: paramiko.SFTPClient, origin: str, limits: TreeLimits) -> l
         try:
             for attrs in listing(client, join_remote(origin, relative) if relative else origin):
                 path = f"{relative}/{attrs.filename}" if relative else attrs.filename
-                check_listed(limits, path, len(out), f"remote {origin}")
+                limits.check(path, len(out), f"remote {origin}", WATCH_REFUSED)
                 out.append(entry(join_remote(origin, path), attrs))
                 if statmod.S_ISDIR(attrs.st_mode or 0):
                     pending.append(path)
