@@ -6,7 +6,7 @@ import importlib
 import sys
 import traceback
 
-MODULES = ("core", "sftp", "s3", "encode", "redact", "hostile", "remote_exec", "robot_000")
+MODULES = ("core", "sftp", "s3", "s3_pull", "encode", "redact", "hostile", "remote_exec", "robot_000", "publish")
 
 
 def main() -> int:

@@ -186,3 +186,40 @@ def make_frames(folder: Path, count: int = 30, size: str = "64x48", start: int =
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", source,
                     "-frames:v", str(count), "-start_number", str(start), str(folder / "frame_%06d.png")],
                    check=True)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def moto_s3_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where `moto_s3` logs: one werkzeug line per request (`"GET /bucket/key HTTP/1.1" 206`), for counting."""
+    return tmp_path_factory.mktemp("moto") / "moto.log"
+
+
+@pytest.fixture(scope="session")
+def moto_s3(moto_s3_log: Path) -> Iterator[str]:
+    """moto's S3 server on loopback (through tests/moto_launcher.py: conditional PUTs are atomic); its URL."""
+    import importlib.util
+    import socket
+
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+        need_or_skip("moto[server] is not installed (pip install 'moto[server]')")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(moto_s3_log, "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen([sys.executable, "-m", "tests.moto_launcher", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+
+    def accepts() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0 or process.poll() is not None
+
+    try:
+        wait_for(accepts, 30, "moto server")
+        assert process.poll() is None, "moto server exited at start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+

@@ -62,6 +62,12 @@ class ChecksumMismatch(TransientError):
     type_name = "checksum_mismatch"
 
 
+class VersionConflict(TransientError):
+    """Raised when a shared document changed since it was read, so a conditional write was refused."""
+
+    type_name = "version_conflict"
+
+
 class CommandTimedOut(TransientError):
     """Raised when a remote command runs past its time; the connection it ran on is dropped."""
 
@@ -82,3 +88,7 @@ class MissingDependency(PermanentError):
     """Raised when a handler or transport needs an optional package that is not installed."""
 
     type_name = "missing_dependency"
+
+
+class RemoteMissing(PermanentError):
+    """Raised when a remote file, object or prefix to be downloaded does not exist."""

@@ -134,6 +134,7 @@ def _brief(document: dict[str, Any]) -> dict[str, Any]:
         "updated": document.get("updated"),
         "error": _message(document.get("error")),
         "arriving": bool(document.get("arriving")),
+        "gather": document.get("gather") if isinstance(document.get("gather"), dict) else None,
     }
 
 
@@ -181,6 +182,8 @@ def _progress_text(item: dict[str, Any], room: int) -> str:
     progress = item.get("progress")
     progress = progress if isinstance(progress, dict) else {}
     total, done = _number(progress.get("bytes_total")), _number(progress.get("bytes_done"))
+    if item["state"] == "waiting" and item.get("gather"):
+        return _gather_text(item["gather"], room)
     if item.get("arriving"):
         unit = shown(progress.get("unit", "bytes"), 20)
         return f"{done or 0:.0f} of {total or 0:.0f} {unit} so far; the bundle is still arriving"
@@ -194,6 +197,16 @@ def _progress_text(item: dict[str, Any], room: int) -> str:
     eta = _number(progress.get("eta_s"))
     eta_text = f" eta {eta:.0f}s" if eta is not None else ""
     return f"[{'#' * filled}{'.' * (bar_width - filled)}] {fraction * 100:5.1f}%{rate_text}{eta_text}"
+
+
+def _gather_text(gather: dict[str, Any], room: int, *, is_full: bool = False) -> str:
+    """A member of a `gather:` queue: who its group still misses, or which group item it went into."""
+    if gather.get("item"):
+        return shown(f"in group item {gather['item']} (group {gather.get('group')})", max(room, 20))
+    missing = gather.get("missing")
+    names = ", ".join(str(m) for m in missing) if isinstance(missing, list) else "?"
+    until = f", until {gather.get('deadline')}" if is_full else ""
+    return shown(f"missing {names} (group {gather.get('group')}{until})", max(room, 20))
 
 
 def _human(n: float) -> str:
@@ -212,6 +225,8 @@ def render_item(document: dict[str, Any]) -> str:
              + (f" at {cap(document['step'])}" if document.get("step") else "")]  # fmt: skip
     if document.get("original_name") != document.get("item"):
         lines.append(f"  dropped as: {cap(document.get('original_name'))}")
+    if isinstance(document.get("gather"), dict):
+        lines.append(f"  gather: {cap(_gather_text(document['gather'], ITEM_VALUE_CHARS, is_full=True))}")
     if document.get("arriving"):
         lines.append("  still arriving: the first step runs while the bundle is written; waiting for its marker")
     if document.get("fields"):
@@ -223,6 +238,9 @@ def render_item(document: dict[str, Any]) -> str:
             detail += f" (attempt {attempt:.0f})"
         if step.get("error"):
             detail += f": {cap(_message(step['error']))}"
+        elif step.get("state") == "skipped" and step.get("skipped"):
+            # The reason names the `when:` condition that did not hold, so "why did it not ship?" is answered here.
+            detail += f": {cap(step['skipped'])}"
         lines.append(f"  - {cap(step.get('name')):<10} {detail}")
     if document.get("error"):
         lines.append(f"  error: {cap(_message(document['error']))}")

@@ -7,11 +7,15 @@ Each step's options are validated by its handler's schema here, at load time.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
+from spoold.cache import Cache, CacheSpec
+from spoold.daemon.conditions import When, build_when
+from spoold.daemon.gatherspec import GatherSpec
 from spoold.daemon.remotes import RemoteSpec, check_remote_names, resolve_step_options
 from spoold.daemon.yamlfile import load_yaml
 from spoold.errors import ConfigError
@@ -103,6 +107,8 @@ class QueueSpec:
     keep: KeepPolicy = KeepPolicy()
     ignore: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_IGNORE))
     limits: Limits = Limits()
+    # Hold items until a group of them is whole, then run the chain once on the group (daemon/gather.py).
+    gather: GatherSpec | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 256:
@@ -119,6 +125,7 @@ class ConfigSpec:
     host: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     remotes: dict[str, RemoteSpec] = dataclasses.field(default_factory=dict)
+    cache: CacheSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +135,8 @@ class Step:
     index: int
     name: str
     handler: Handler[Any]
+    # Checked when the step would start; when it does not hold, the step is recorded as skipped.
+    when: When | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +166,8 @@ class Config:
     queues: dict[str, Queue]
     # Kept for display only: steps already carry their remote's host and settings.
     remotes: dict[str, RemoteSpec] = dataclasses.field(default_factory=dict)
+    # The node's download cache (`cache: {path, max}`), shared by every step that says `cache: true`.
+    cache: Cache | None = None
 
 
 def load_config(path: Path | None) -> Config:
@@ -192,10 +203,17 @@ def parse_config(text: str, file: str) -> Config:
             raise builder.error(path, "a queue must be a mapping with at least `chain:`")
         queue_spec = builder.build(QueueSpec, raw, path)
         steps = _build_chain(builder, queue_spec, (*path, "chain"), queue_names, spec.remotes)
+        if queue_spec.gather is not None and steps[0].handler.starts_early:
+            # Members never run the chain, so nothing could read a member's bundle while it arrives.
+            raise builder.error((*path, "gather"), f"gather cannot be combined with {steps[0].name} starting "
+                                "while a bundle is still arriving")  # fmt: skip
         pattern = re.compile(queue_spec.fields.pattern) if queue_spec.fields.pattern else None
         if pattern is not None and (shadowed := shadowed_builtins(pattern.groupindex)):
             raise builder.error((*path, "fields", "pattern"), f"group {', '.join(shadowed)} would shadow the "
                                 "built-in template value of the same name; rename the group")  # fmt: skip
+        if spec.cache is None and (user := next((s for s in steps if s.handler.uses_cache), None)):
+            raise builder.error((*path, "chain", user.index, user.name, "cache"), "cache: true needs the top-level "
+                                "`cache: {path, max}` (where the cache lives and how large it may grow)")  # fmt: skip
         queues[name] = Queue(name, queue_spec, steps, pattern)
     return Config(
         source=file,
@@ -207,6 +225,7 @@ def parse_config(text: str, file: str) -> Config:
         log_level=spec.log_level,
         queues=queues,
         remotes=spec.remotes,
+        cache=Cache.from_spec(spec.cache) if spec.cache else None,
     )
 
 
@@ -218,12 +237,13 @@ def _build_chain(
     steps = []
     for index, raw_step in enumerate(spec.chain):
         step_path: YamlPath = (*path, index)
+        has_when = isinstance(raw_step, dict) and "when" in raw_step
         if isinstance(raw_step, str):
             name, options = raw_step, None
-        elif isinstance(raw_step, dict) and len(raw_step) == 1:
-            name, options = next(iter(raw_step.items()))
+        elif isinstance(raw_step, dict) and len(raw_step) == 1 + has_when:
+            name, options = next((k, v) for k, v in raw_step.items() if k != "when")
         else:
-            raise builder.error(step_path, "a step is one `handler: {options}` mapping")
+            raise _bad_step(builder, raw_step, step_path)
         if name not in HANDLERS:
             raise builder.error(
                 (*step_path, str(name)), f"unknown handler {name!r}; known handlers: {', '.join(sorted(HANDLERS))}"
@@ -242,5 +262,18 @@ def _build_chain(
         if handler.starts_early and (index or spec.items != "bundles" or spec.ready != "marker"):
             raise builder.error((*step_path, name), f"{name} can start while a bundle is still arriving only as "
                                 "the first step of a queue with `items: bundles` and `ready: marker`")  # fmt: skip
-        steps.append(Step(index, name, handler))
+        when = build_when(builder, raw_step["when"], (*step_path, "when")) if has_when else None
+        steps.append(Step(index, name, handler, when))
     return tuple(steps)
+
+
+def _bad_step(builder: Builder, raw_step: object, path: YamlPath) -> ConfigError:
+    """The error for a step that is not one handler (plus `when:`), naming a stray key when there is one."""
+    if isinstance(raw_step, dict):
+        stray = [k for k in raw_step if k not in HANDLERS and k != "when"]
+        if len(stray) == 1 and len(raw_step) - len(stray) == 1 + ("when" in raw_step):
+            close = difflib.get_close_matches(str(stray[0]), ["when"], n=1)
+            hint = "; did you mean 'when'?" if close else "; only `when:` may stand beside the handler"
+            return builder.error((*path, str(stray[0])), f"unknown key {stray[0]!r} beside the step's handler{hint}")
+    return builder.error(path, "a step is one `handler: {options}` mapping, optionally with `when: {conditions}` "
+                         "beside it")  # fmt: skip

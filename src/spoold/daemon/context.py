@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from spoold.cache import Cache
 from spoold.daemon.arriving import ArrivingItem
 from spoold.daemon.config import Config, Queue
 from spoold.daemon.layout import QueueFolders
@@ -132,3 +133,7 @@ class ItemContext:
 
     def free_bytes(self) -> int:
         return self._env.free_bytes()
+
+    @property
+    def cache(self) -> Cache | None:
+        return self._env.config.cache

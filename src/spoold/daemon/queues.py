@@ -18,6 +18,7 @@ from typing import Any
 from spoold.daemon import arriving, claiming, recovery
 from spoold.daemon.arriving import ArrivingItem
 from spoold.daemon.config import Config, Queue
+from spoold.daemon.gather import Gathering
 from spoold.daemon.intake import Arrival, Intake
 from spoold.daemon.layout import QueueFolders
 from spoold.daemon.messages import Outcome
@@ -47,6 +48,8 @@ class QueueBook:
         self.states: dict[str, str] = {}
         self._counts: dict[str, int] = {}
         self.last_error: dict[str, Any] | None = None
+        # Members of a `gather:` queue wait there for their group instead of running the chain.
+        self.gathering = Gathering(config, queue, folders)
 
     @property
     def name(self) -> str:
@@ -79,6 +82,8 @@ class QueueBook:
         if name in self.running or self.is_closed:
             return
         self.sidecars[name] = sidecar
+        if self.gathering.take(sidecar):
+            return
         if sidecar.state == "retrying":
             at = sidecar.next_attempt_at() or time.time()
             self.retry_at[name] = time.monotonic() + max(0.0, at - time.time())
@@ -106,6 +111,7 @@ class QueueBook:
     # ---- intake --------------------------------------------------------------------------------------------
 
     def recover(self) -> None:
+        self.gathering = Gathering(self.config, self.queue, self.folders)  # rebuilt from the sidecars found
         self.track_found(recovery.recover(self.config, self.queue, self.folders, self.stop_event, self.running))
 
     def rescan(self, now: float) -> None:
@@ -207,6 +213,9 @@ class QueueBook:
             if at <= now:
                 del self.retry_at[item]
                 self.pending.append(item)
+        # Here, on the loop's tick, everything found or claimed is tracked: groups form and time out now.
+        for sidecar in self.gathering.step(time.time(), set(self.running)):
+            self.track(sidecar)
 
     def dispatch(self, start_worker: StartWorker) -> None:
         while self.pending and len(self.running) < self.queue.spec.concurrency and not self.is_closed:
@@ -240,6 +249,8 @@ class QueueBook:
             if (self.folders.work / item).exists():
                 # The worker could not move it (or gave up without a sidecar write): the next rescan tries.
                 recovery.settle_finished(self.queue, self.folders, sidecar, outcome.verdict)
+            for member in self.gathering.group_ended(sidecar):
+                self.track(member)
         elif self.is_closed:
             self.forget(item)  # interrupted or retrying: its sidecar resumes it when the queue comes back
         elif outcome.verdict == "interrupted" and not self.stop_event.is_set():
@@ -256,6 +267,8 @@ class QueueBook:
 
     def next_deadline(self, is_intake_paused: bool) -> float | None:
         deadlines = list(self.retry_at.values())
+        if (at := self.gathering.next_deadline()) is not None:
+            deadlines.append(time.monotonic() + max(0.0, at - time.time()))
         # While intake is paused, due arrivals wait for the disk check, not for a spinning loop.
         if not is_intake_paused and (deadline := self.intake.next_deadline()) is not None:
             deadlines.append(deadline)
@@ -267,6 +280,7 @@ class QueueBook:
         self.config = config
         self.queue = queue
         self.intake.reconfigure(queue)
+        self.pending.extend(self.gathering.reconfigure(config, queue))  # members that now run alone
         if self.is_closed:
             # Back in the config before its last items stopped: serve it again.
             self.is_closed = False

@@ -23,7 +23,7 @@ from spoold.daemon.arriving import ArrivingItem
 from spoold.daemon.claiming import adopt_orphan, reject
 from spoold.daemon.config import Config, Queue
 from spoold.daemon.layout import HANDOFF_FILE, HANDOFF_PREFIX, QueueFolders
-from spoold.daemon.sidecar import ACTIVE_STATES, Sidecar, error_record
+from spoold.daemon.sidecar import ACTIVE_STATES, FINISHED_STEP_STATES, GATHER_STEP, Sidecar, error_record
 
 log = logging.getLogger("spoold.recovery")
 
@@ -82,7 +82,8 @@ def _resume(queue: Queue, folders: QueueFolders, sidecar: Sidecar, stop_event: t
             reject(folders, sidecar, resumed[1])
         return Found(sidecar) if resumed[0] == "settled" else None
     if not (folders.work / name).is_dir():
-        _finish_interrupted_move(queue, folders, sidecar)
+        if sidecar.doc.get("step") != GATHER_STEP:  # a member of a `gather:` group ends with its group (gather.py)
+            _finish_interrupted_move(queue, folders, sidecar)
         return Found(sidecar)
     if sidecar.doc.get("kind") == "bundle":
         original = str(sidecar.doc.get("original_name", name))
@@ -95,7 +96,7 @@ def _resume(queue: Queue, folders: QueueFolders, sidecar: Sidecar, stop_event: t
 def _finish_interrupted_move(queue: Queue, folders: QueueFolders, sidecar: Sidecar) -> None:
     """An active item whose folder left work/: a crash between moving it out and writing its sidecar."""
     steps = sidecar.doc["steps"]
-    if all(s.get("state") == "done" for s in steps) and (queue.spec.keep.done == "delete" or
+    if all(s.get("state") in FINISHED_STEP_STATES for s in steps) and (queue.spec.keep.done == "delete" or
                                                          (folders.done / sidecar.name).is_dir()):  # fmt: skip
         sidecar.done()
     elif (folders.failed / sidecar.name).is_dir():

@@ -17,13 +17,14 @@ from typing import Any
 
 from spoold.daemon import retries
 from spoold.daemon.arriving import ArrivingItem, settle
+from spoold.daemon.conditions import unmet_in
 from spoold.daemon.config import Config, Queue, Step
 from spoold.daemon.context import ItemContext, ItemEnv
 from spoold.daemon.handoff import hand_over
 from spoold.daemon.layout import QueueFolders, SpoolLayout
 from spoold.daemon.messages import ItemAdopted, ItemFinished, Message, Outcome, StateChanged
 from spoold.daemon.recovery import settle_finished
-from spoold.daemon.sidecar import Sidecar, error_record
+from spoold.daemon.sidecar import FINISHED_STEP_STATES, Sidecar, error_record
 from spoold.errors import Interrupted, PermanentError, StepError
 from spoold.handlers.base import StepResult
 from spoold.redact import redact
@@ -62,14 +63,17 @@ class ItemRunner:
             self.sidecar.sync_steps([s.name for s in self.queue.steps])
             for step in self.queue.steps:
                 index = step.index
-                if self.sidecar.step_entry(index).get("state") == "done":
+                if self.sidecar.step_entry(index).get("state") in FINISHED_STEP_STATES:
                     continue
                 if self.stop_event.is_set():
                     return self._interrupted(index)
-                needs_whole = self.arriving is not None and (self.arriving.is_complete() or
-                                                             not step.handler.starts_early)  # fmt: skip
+                # A `when:` is judged on the whole bundle: its size, and the fields its ready marker brings.
+                needs_whole = self.arriving is not None and (self.arriving.is_complete() or step.when is not None
+                                                             or not step.handler.starts_early)  # fmt: skip
                 if needs_whole and (outcome := self._await_arrival(index)):
                     return outcome
+                if self._is_skipped(step):
+                    continue
                 if (outcome := self._run_step(step)) is not None:
                     return outcome
             self._move_out("done")
@@ -79,6 +83,19 @@ class ItemRunner:
             log.error("%s/%s: internal error: %s", self.queue.name, self.sidecar.name,
                       redact("".join(traceback.format_exception(exc)).strip()))  # fmt: skip
             return self._failed_attempt(self.sidecar.current_step_index() if index is None else index, exc)
+
+    def _is_skipped(self, step: Step) -> bool:
+        """Judge the step's `when:` now, once: a step that ever started is never skipped on a later run."""
+        entry = self.sidecar.step_entry(step.index)
+        if step.when is None or "started" in entry:
+            return False
+        reason = unmet_in(step.when, self.sidecar.doc, self.folders.work / self.sidecar.name)
+        if reason is None:
+            return False
+        log.info("%s/%s: step %d (%s) skipped: %s", self.queue.name, self.sidecar.name, step.index + 1, step.name,
+                 reason)  # fmt: skip
+        self.sidecar.skipped(step.index, reason)
+        return True
 
     def _run_step(self, step: Step) -> Outcome | None:
         self.sidecar.start_step(step.index)

@@ -19,12 +19,18 @@ from typing import Any
 from spoold import __version__
 from spoold.fsio import encode_json, now_iso, parse_iso, read_json, write_bytes_atomic
 
-__all__ = ["ACTIVE_STATES", "SCHEMA", "STATES", "Sidecar", "error_record", "now_iso", "parse_iso"]
+__all__ = ["ACTIVE_STATES", "FINISHED_STEP_STATES", "SCHEMA", "STATES", "Sidecar", "error_record", "now_iso",
+           "parse_iso"]  # fmt: skip
 
 SCHEMA = "spoold.status/1"
 STATES = ("queued", "running", "waiting", "retrying", "done", "failed")
 ACTIVE_STATES = ("queued", "running", "waiting", "retrying")
+# A step's state: pending, running, retrying, interrupted, done, skipped (its `when:` did not hold) or failed.
+# A step in one of these states never runs again for this item, not on resume and not after `spoold retry`.
+FINISHED_STEP_STATES = ("done", "skipped")
 ARRIVING_FLAG = "arriving"
+# The one step of a member of a `gather:` queue (daemon/gather.py): members wait, their group runs the chain.
+GATHER_STEP = "gather"
 PROGRESS_WRITE_SECONDS = 1.0
 
 
@@ -132,9 +138,9 @@ class Sidecar:
         """The step running now, or the first one not done yet."""
         steps: list[dict[str, Any]] = self.doc["steps"]
         for index, entry in enumerate(steps):
-            if entry.get("name") == self.doc.get("step") and entry.get("state") != "done":
+            if entry.get("name") == self.doc.get("step") and entry.get("state") not in FINISHED_STEP_STATES:
                 return index
-        return next((i for i, e in enumerate(steps) if e.get("state") != "done"), None)
+        return next((i for i, e in enumerate(steps) if e.get("state") not in FINISHED_STEP_STATES), None)
 
     # ---- writing ---------------------------------------------------------------------------------------------
 
@@ -202,6 +208,12 @@ class Sidecar:
             entry.pop(transient, None)
         self.write()
 
+    def skipped(self, index: int, reason: str) -> None:
+        """The step's `when:` did not hold; `reason` names the condition that failed. The item goes on."""
+        entry = self.step_entry(index)
+        entry.update(state="skipped", finished=now_iso(), skipped=reason)
+        self.write()
+
     def interrupted(self, index: int | None) -> None:
         """Stopped mid-step: the checkpoint stays and the next start resumes from it."""
         if index is not None:
@@ -240,9 +252,9 @@ class Sidecar:
         self.write()
 
     def requeue(self) -> None:
-        """`spoold retry`: every step not done runs again with fresh attempts."""
+        """`spoold retry`: every step not done (or skipped) runs again with fresh attempts."""
         for entry in self.doc["steps"]:
-            if entry.get("state") != "done":
+            if entry.get("state") not in FINISHED_STEP_STATES:
                 entry.update(state="pending", attempt=1)
                 entry.pop("error", None)
         self.doc.update(state="queued", error=None, next_attempt_at=None, attempts=0)
@@ -269,3 +281,33 @@ class Sidecar:
             return True
         self.write_progress()
         return False
+
+    # ---- gathering (daemon/gather.py) ------------------------------------------------------------------------
+
+    def gather_waiting(self, info: dict[str, Any]) -> None:
+        """A member waits for its group: `info` says who the group has and misses, its deadline, and once the
+        group is whole, the name of the group's item. The member's only step is `gather`."""
+        steps: list[dict[str, Any]] = self.doc["steps"]
+        entry = steps[0] if len(steps) == 1 and steps[0].get("name") == GATHER_STEP else {"name": GATHER_STEP}
+        entry.update(state="waiting")
+        entry.setdefault("started", now_iso())
+        for stale in ("finished", "error", "result"):
+            entry.pop(stale, None)
+        self.doc.update(steps=[entry], state="waiting", step=GATHER_STEP, gather=info, error=None,
+                        next_attempt_at=None)  # fmt: skip
+        self.write()
+
+    def gather_ended(self, state: str, error: dict[str, Any] | None) -> None:
+        """A member ends as its group's item did (`done`, or `failed` with `error`); its data went into it."""
+        entry = self.step_entry(0)
+        entry.update(state=state, finished=now_iso())
+        if error is not None:
+            entry["error"] = error
+        self.doc.update(state=state, step=None if state == "done" else GATHER_STEP, error=error,
+                        next_attempt_at=None, payload=[], extras=[])  # fmt: skip
+        self.write()
+
+    def mark_gathered(self, info: dict[str, Any]) -> None:
+        """A group item: its group's name and which member each folder of its payload came from."""
+        self.doc["gathered"] = info
+        self.write()

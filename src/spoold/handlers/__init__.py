@@ -18,6 +18,7 @@ HANDLERS: dict[str, str] = {
     "pull": "spoold.handlers.pull:Pull",
     "encode": "spoold.handlers.encode:Encode",
     "bundle": "spoold.handlers.bundle:Bundle",
+    "publish": "spoold.handlers.publish:Publish",
 }
 
 

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
+from spoold.cache import Cache
+
 ItemKind = Literal["file", "bundle", "request"]
 
 
@@ -92,6 +94,10 @@ class StepContext(Protocol):
     # Set only for a step that starts early (`starts_early`) while its bundle is still arriving.
     arriving: ArrivingBundle | None
 
+    @property
+    def cache(self) -> Cache | None:
+        """The node's download cache (the config's top-level `cache:`), or None when it has none."""
+
     def template_values(self) -> dict[str, Any]:
         """Built-ins (`name`, `stem`, `ext`, `queue`, `host`, `date`, `path`, `item_dir`, digests) and fields."""
 
@@ -141,6 +147,11 @@ class Handler(ABC, Generic[OptionsT]):
     @property
     def starts_early(self) -> bool:
         """Whether this step may start on a bundle still arriving (only as a queue's first step)."""
+        return False
+
+    @property
+    def uses_cache(self) -> bool:
+        """Whether this step needs the config's top-level `cache:` (checked when the config is loaded)."""
         return False
 
     def validate(self, queue_names: frozenset[str], is_queue_of_requests: bool) -> str | None:

@@ -13,7 +13,9 @@ otherwise), `timeout` (read timeout), `connect_timeout`, `retries` (drops
 survived in a row without progress before the step gives up for the queue's
 retry policy), `min_free` (free bytes to keep beyond the announced size, at
 least the config's `min_free`; below it the step waits instead of filling the disk),
-`allow_redirects_to` (host names a redirect may lead to besides the URL's own host).
+`allow_redirects_to` (host names a redirect may lead to besides the URL's own host);
+for `s3://bucket/key` URLs `endpoint_url`, `region`, `credential`, `part_size`,
+`concurrency` (as for `ship`; such a file comes through the S3 transport).
 
 The server is untrusted: a name comes from the request or the URL's last segment
 (decoded, then checked like an inbox name), never from `Content-Disposition`;
@@ -43,8 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from spoold.digest import CHUNK_BYTES, hash_file
-from spoold.errors import ChecksumMismatch, PermanentError, TransientError
+from spoold.errors import ChecksumMismatch, PermanentError, RemoteMissing, TransientError
 from spoold.handlers.base import Handler, StepContext, StepResult
+from spoold.handlers.s3_source import S3SourceOptions, download_object, is_s3_url, object_name
 from spoold.http_status import follow_redirect
 from spoold.options import Bytes, Seconds
 from spoold.transports.base import check_component, redact_url
@@ -65,8 +68,9 @@ class KeepAlive:
 
 
 @dataclasses.dataclass(frozen=True)
-class FetchOptions:
+class FetchOptions(S3SourceOptions):
     into: str
+    credential: str | None = None
     keepalive: KeepAlive | None = None
     timeout: Seconds = Seconds(60)
     connect_timeout: Seconds = Seconds(10)
@@ -91,7 +95,7 @@ class FileSpec:
     sha256: str | None
 
 
-class FileMissing(PermanentError):
+class FileMissing(RemoteMissing):
     """Raised when the server says a listed file does not exist (404/410)."""
 
 
@@ -160,8 +164,13 @@ class Fetch(Handler[FetchOptions]):
             ctx.checkpoint.save()
             try:
                 self._wait_for_space(ctx, spec, part)
-                _Download(self.options, ctx, spec, part, report).run()
-            except FileMissing as exc:
+                if is_s3_url(spec.url):
+                    settings = {**self.options.s3_settings(), "credential": self.options.credential,
+                                "connect_timeout": self.options.connect_timeout}  # fmt: skip
+                    download_object(ctx, spec.url, settings, part, state, report)
+                else:
+                    _Download(self.options, ctx, spec, part, report).run()
+            except RemoteMissing as exc:
                 state.update(state="missing", error=str(exc))
                 ctx.checkpoint.save()
                 ctx.log.warning("%s", exc)
@@ -206,10 +215,11 @@ def _parse_request(ctx: StepContext) -> list[FileSpec]:
         if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
             raise PermanentError(f"files[{index}] needs a 'url' string")
         url = entry["url"]
-        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-            raise PermanentError(f"files[{index}]: only http:// and https:// URLs can be fetched")
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https", "s3"):
+            raise PermanentError(f"files[{index}]: only http://, https:// and s3:// URLs can be fetched")
         # The last segment is cut out before decoding, so `..%2F..%2Fx` is checked as the `../../x` it means.
-        name = entry.get("name") or urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+        segment = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+        name = entry.get("name") or (object_name(url) if is_s3_url(url) else segment)
         if not isinstance(name, str):
             raise PermanentError(f"files[{index}]: the name must be a string")
         check_component(name, f"files[{index}] ({redact_url(url)})")

@@ -8,7 +8,11 @@ item of that queue with this item's fields), `limits` (`{depth: 32, files: 10000
 how many levels below the root and how many files and folders a pulled tree
 may hold; the defaults are those of a queue's `limits`), and the connection
 options `identity`, `password_file`, `credential`, `known_hosts`, `host_key`,
-`connect_timeout`.
+`connect_timeout`; for s3:// also `endpoint_url`, `region`, `part_size` and
+`concurrency` (as for `ship`: objects of `part_size` or more go by that many
+parallel ranged GETs) and `cache` (true: objects whose content the node's
+top-level `cache:` holds are hard-linked from it instead of downloaded, and
+downloads are added to it; other schemes ignore it).
 
 The server is untrusted (SPEC section 10): its whole listing is checked
 before anything is downloaded, and a name that is not one path component
@@ -38,6 +42,7 @@ from typing import Any
 
 from spoold.errors import PermanentError
 from spoold.handlers.base import Handler, StepContext, StepResult
+from spoold.handlers.s3_source import S3SourceOptions, is_s3_url
 from spoold.templates import render_url
 from spoold.transports.base import (
     ConnectionOptions,
@@ -52,14 +57,17 @@ QUEUE_PREFIX = "queue:"
 
 
 @dataclasses.dataclass(frozen=True)
-class PullOptions(ConnectionOptions):
+class PullOptions(ConnectionOptions, S3SourceOptions):
     from_: str = dataclasses.field(metadata={"key": "from"})
     to: str
     limits: TreeLimits = TreeLimits()
+    cache: bool = False
 
     def __post_init__(self) -> None:
-        if "://" not in self.from_:
-            raise ValueError(f"from: {self.from_!r} must be a URL such as sftp://host/path/")
+        super().__post_init__()
+        # A whole URL may come from a field (field note 003: `from: '{dataset}'`); it is checked once rendered.
+        if "://" not in self.from_ and not self.from_.startswith("{"):
+            raise ValueError(f"from: {self.from_!r} must be a URL such as sftp://host/path/ or a {{field}} holding one")
         if not (self.to.startswith("file://") or self.to.startswith(QUEUE_PREFIX)):
             raise ValueError(f"to: {self.to!r} must be a local file:// folder or path, or queue:NAME")
 
@@ -68,6 +76,10 @@ class Pull(Handler[PullOptions]):
     name = "pull"
     Options = PullOptions
     url_options = ("from",)
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.options.cache
 
     def validate(self, queue_names: frozenset[str], is_queue_of_requests: bool) -> str | None:
         queue = self.options.to[len(QUEUE_PREFIX) :] if self.options.to.startswith(QUEUE_PREFIX) else None
@@ -79,19 +91,28 @@ class Pull(Handler[PullOptions]):
         source = ctx.render(self.options.from_)
         url = parse_url(source)
         shown = redact_url(source)
+        if url.scheme == "file" and not self.options.from_.lower().startswith("file://"):
+            # Fields are the producer's: they may name a remote dataset, never a local path to copy out.
+            raise PermanentError(f"pull from {shown}: a file:// source must be written in the config, not come "
+                                 "from a field")  # fmt: skip
         queue = self.options.to[len(QUEUE_PREFIX) :] if self.options.to.startswith(QUEUE_PREFIX) else None
         result: dict[str, Any] | None = ctx.checkpoint.data.get("landed")
         if result is None:
             # For a queue the tree lands in this item's folder, so the handover links it under its own name.
             folder, name = (ctx.item_dir, None) if queue else _landing(self.options.to, ctx)
-            transport = ctx.transport(source, self.options.connection_settings())
+            settings, extra = self.options.connection_settings(), {}
+            if is_s3_url(source):
+                settings.update(self.options.s3_settings())
+                # Only S3 names an object's content before it is downloaded, so only S3 reads the cache.
+                extra = {"cache": ctx.cache} if self.options.cache else {}
+            transport = ctx.transport(source, settings)
             transfer = TransferContext(
                 progress=ctx.progress,
                 checkpoint=ctx.checkpoint.data.setdefault("transfer", {}),
                 save_checkpoint=ctx.checkpoint.save,
                 check_stop=ctx.check_stop,
             )
-            landed = transport.get_tree(url.path, folder, transfer, name=name, limits=self.options.limits)
+            landed = transport.get_tree(url.path, folder, transfer, name=name, limits=self.options.limits, **extra)
             if not landed:
                 raise PermanentError(f"nothing was downloaded from {shown}")
             result = {"from": shown, "to": [str(p) for p in landed], "bytes": sum(_size(p) for p in landed)}

@@ -18,6 +18,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from spoold.errors import PermanentError
 from spoold.options import Seconds
+from spoold.transports.documents import SharedDocuments
 
 # A file or folder name on Linux and over SFTP.
 MAX_NAME_BYTES = 255
@@ -316,8 +317,8 @@ class Delivered:
     is_verified: bool
 
 
-class Transport(ABC):
-    """A connection to one destination. Created by `TransportPool`; reused across items."""
+class Transport(SharedDocuments, ABC):
+    """A connection to one destination. Created by `TransportPool`; reused across items (shared documents: its base)."""
 
     def __init__(self, url: ParsedUrl, settings: Mapping[str, Any]) -> None:
         self.url = url
@@ -332,7 +333,7 @@ class Transport(ABC):
         """False when the connection died and the pool should open a new one."""
         return True
 
-    def close(self) -> None:  # noqa: B027 - most transports hold nothing to close
+    def close(self) -> None:  # most transports hold nothing to close
         """Release the connection."""
 
     @abstractmethod

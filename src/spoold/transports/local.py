@@ -28,6 +28,7 @@ from typing import BinaryIO
 from spoold.digest import CHUNK_BYTES, MultiHasher, hash_file
 from spoold.errors import ChecksumMismatch, PermanentError, TransientError
 from spoold.fsio import describe_type, fsync_dir
+from spoold.transports import local_documents
 from spoold.transports.base import (
     MAX_NAME_BYTES,
     Delivered,
@@ -187,6 +188,12 @@ class LocalTransport(Transport):
                 os.fsync(stream.fileno())
             os.replace(tmp, final)
             fsync_dir(final.parent)
+
+    def read_document(self, target: str, limit: int) -> tuple[bytes | None, str | None]:
+        return local_documents.read_document(self._path(target), limit)
+
+    def write_document(self, target: str, data: bytes, version: str | None) -> str:
+        return local_documents.write_document(self._path(target), data, version)
 
     def stat(self, target: str) -> RemoteEntry | None:
         try:

@@ -18,12 +18,13 @@ SHA-256, checked by the server; the object records the file's sha256 in its
 metadata (`x-amz-meta-sha256`) and is verified after completion by size, that
 metadata and the server's composite checksum. The object appears only when
 complete. A folder becomes one object per file under a prefix.
+
+Downloads (`get_tree`, for `pull` and `fetch`) are in `s3_download` and `s3_ranges`.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import logging
 import os
@@ -37,19 +38,21 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from spoold.cache import Cache
 from spoold.digest import hash_file
-from spoold.errors import ChecksumMismatch, Interrupted, PermanentError, TransientError
-from spoold.transports.base import Delivered, ParsedUrl, RemoteEntry, TransferContext, Transport, glob_regex
+from spoold.errors import ChecksumMismatch, PermanentError, TransientError
+from spoold.transports import s3_documents
+from spoold.transports.base import Delivered, ParsedUrl, RemoteEntry, TransferContext, Transport, TreeLimits, glob_regex
 from spoold.transports.s3_credentials import session_credentials
+from spoold.transports.s3_download import S3Download
+from spoold.transports.s3_errors import b64sha256 as _b64sha
+from spoold.transports.s3_errors import error_code as _code
+from spoold.transports.s3_errors import http_status as _status
+from spoold.transports.s3_errors import mapped as _mapped
 
 log = logging.getLogger("spoold.s3")
 
 MAX_PARTS = 10_000
-_TRANSIENT_CODES = {
-    "InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
-    "RequestTimeTooSkewed", "OperationAborted", "RequestLimitExceeded", "TooManyRequests", "BadDigest",
-    "XAmzContentSHA256Mismatch", "InvalidDigest",
-}  # fmt: skip
 _NO_CHECKSUM_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest", "XNotImplemented"}
 
 
@@ -122,6 +125,12 @@ class S3Transport(Transport):
         key = self._key(target)
         with _mapped(f"s3://{self.bucket}/{key}"):
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ChecksumSHA256=_b64sha(data))
+
+    def read_document(self, target: str, limit: int) -> tuple[bytes | None, str | None]:
+        return s3_documents.read_document(self.client, self.bucket, self._key(target), limit)
+
+    def write_document(self, target: str, data: bytes, version: str | None) -> str:
+        return s3_documents.write_document(self.client, self.bucket, self._key(target), data, version)
 
     def _put_single(self, source: Path, key: str, size: int, sha256: str, ctx: TransferContext) -> None:
         data = source.read_bytes()  # below part_size, so bounded
@@ -358,42 +367,8 @@ class S3Transport(Transport):
             data: bytes = reply["Body"].read(limit)
             return data
 
-
-def _b64sha(data: bytes) -> str:
-    return base64.b64encode(hashlib.sha256(data).digest()).decode()
-
-
-def _code(exc: botocore.exceptions.ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _status(exc: botocore.exceptions.ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-
-
-@contextlib.contextmanager
-def _mapped(where: str, is_local_read: bool = False) -> Iterator[None]:
-    """botocore and OS errors -> spoold's classes, at the boundary."""
-    try:
-        yield
-    except (TransientError, PermanentError, Interrupted):
-        raise
-    except botocore.exceptions.ClientError as exc:
-        code, status = _code(exc), _status(exc)
-        message = f"{where}: {code or status} {exc.response.get('Error', {}).get('Message', '')}".strip()
-        if code in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"):
-            raise ChecksumMismatch(message) from None
-        if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
-            raise TransientError(message) from None
-        raise PermanentError(message) from None
-    except (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError,
-            botocore.exceptions.ParamValidationError, botocore.exceptions.NoRegionError) as exc:  # fmt: skip
-        raise PermanentError(f"{where}: {exc}") from None
-    except botocore.exceptions.BotoCoreError as exc:
-        raise TransientError(f"{where}: {exc}") from None
-    except FileNotFoundError as exc:
-        if is_local_read:
-            raise PermanentError(f"cannot read {exc.filename}: it does not exist") from None
-        raise TransientError(f"{where}: {exc.strerror or exc}") from None
-    except OSError as exc:
-        raise TransientError(f"{where}: {exc.strerror or exc}") from None
+    def get_tree(self, source: str, target: Path, ctx: TransferContext, *, name: str | None = None,
+                 limits: TreeLimits | None = None, cache: Cache | None = None) -> list[Path]:  # fmt: skip
+        """An object or a prefix, in parallel ranged GETs, resumable, verified, optionally through `cache`."""
+        download = S3Download(self.client, self.bucket, self.part_size, self.concurrency)
+        return download.get_tree(source, target, ctx, name=name, limits=limits, cache=cache)

@@ -35,12 +35,12 @@ from spoold.transports.base import (
     check_component,
     join_remote,
 )
+from spoold.transports.landing import Landing
 from spoold.transports.local import part_name
 from spoold.transports.sftp_digest import FarDigests
 from spoold.transports.sftp_tree import (
     CHUNK_BYTES,
     REQUEST_BYTES,
-    Landing,
     entry,
     fetch,
     has_magic,
