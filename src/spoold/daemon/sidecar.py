@@ -53,6 +53,10 @@ class Sidecar:
         self.doc = document
         self._lock = threading.RLock()
         self._last_progress_write = 0.0
+        # Progress held back by the once-a-second limit is written by this timer unless another write carries it.
+        self._progress_flush: threading.Timer | None = None
+        self._is_progress_unwritten = False
+        self._is_removed = False
 
     @classmethod
     def new(
@@ -146,18 +150,44 @@ class Sidecar:
 
     def write(self) -> None:
         with self._lock:
+            self._is_progress_unwritten = False
             self.doc["updated"] = now_iso()
             write_bytes_atomic(self.path, encode_json(self.doc))
 
     def write_progress(self) -> None:
-        """Write at most once a second; progress between writes is simply newer next time."""
+        """Write at most once a second; what arrives in between is written when the second is up.
+
+        Without the deferred write, the last progress before a quiet spell (a remote job's log tail, a
+        transfer's final bytes before a long far-side verification) would never reach the sidecar.
+        """
         with self._lock:
-            now = time.monotonic()
-            if now - self._last_progress_write >= PROGRESS_WRITE_SECONDS:
-                self._last_progress_write = now
+            wait = PROGRESS_WRITE_SECONDS - (time.monotonic() - self._last_progress_write)
+            if wait <= 0:
+                self._last_progress_write = time.monotonic()
+                self.write()
+                return
+            self._is_progress_unwritten = True
+            if self._progress_flush is None:
+                self._progress_flush = threading.Timer(wait, self._flush_progress)
+                self._progress_flush.daemon = True
+                self._progress_flush.start()
+
+    def _flush_progress(self) -> None:
+        with self._lock:
+            self._progress_flush = None
+            if not self._is_progress_unwritten or self._is_removed:
+                return
+            self._last_progress_write = time.monotonic()
+            # A full or read-only disk: the next write carries this progress, and the daemon says why.
+            with contextlib.suppress(OSError):
                 self.write()
 
     def remove(self) -> None:
+        with self._lock:
+            self._is_removed = True
+            if self._progress_flush is not None:
+                self._progress_flush.cancel()
+                self._progress_flush = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 

@@ -225,7 +225,6 @@ class RemoteJob:
         deadline = started + self.timeout if self.timeout is not None else None
         is_started, delay, starting_since = False, FIRST_POLL_SECONDS, None
         shown_tail: list[str] | None = None
-        shown_at, is_tail_unwritten = 0.0, False
         while True:
             self.ctx.check_stop()
             try:
@@ -239,11 +238,8 @@ class RemoteJob:
                 state = None
             if state is not None:
                 tail = [redact(line)[-LOG_LINE_CHARS:] for line in state.log_tail]
-                # Progress is written at most once a second: a tail shown within a second of the last one is
-                # shown again at the next poll, or a job that then falls silent would never show it.
-                if tail != shown_tail or (is_tail_unwritten and time.monotonic() - shown_at >= 1.0):
-                    is_tail_unwritten = tail != shown_tail
-                    shown_tail, shown_at = tail, time.monotonic()
+                if tail != shown_tail:
+                    shown_tail = tail
                     self.ctx.progress(0, 0, log_tail=tail, job=job_id, host=self.host)
                 if state.phase == "done" and state.exit_code is not None:
                     if state.exit_code != 0:

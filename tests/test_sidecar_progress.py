@@ -1,0 +1,43 @@
+"""Progress is written at most once a second, and what arrives within that second is written when it is up."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from spoold.daemon.sidecar import Sidecar
+from tests.conftest import wait_for
+
+
+def new_sidecar(tmp_path: Path) -> Sidecar:
+    sidecar = Sidecar.new(tmp_path / "item.json", queue="q", item="item", original_name="item", kind="file",
+                          fields={}, step_names=["ship"], host="test", payload=["item"])  # fmt: skip
+    sidecar.write()
+    return sidecar
+
+
+def on_disk(path: Path) -> dict[str, object]:
+    progress: dict[str, object] = json.loads(path.read_text())["steps"][0].get("progress") or {}
+    return progress
+
+
+def test_progress_held_back_by_the_limit_reaches_the_file_without_another_write(tmp_path: Path) -> None:
+    sidecar = new_sidecar(tmp_path)
+    sidecar.set_progress(0, {"bytes_done": 1, "bytes_total": 10})
+    sidecar.set_progress(0, {"bytes_done": 10, "bytes_total": 10, "log_tail": ["last line"]})
+    assert on_disk(sidecar.path)["bytes_done"] == 1, "the second update came within the second"
+    wait_for(lambda: on_disk(sidecar.path).get("bytes_done") == 10, 5, "the held-back progress to be written")
+    assert on_disk(sidecar.path)["log_tail"] == ["last line"]
+
+
+def test_a_removed_sidecar_is_not_brought_back_by_held_back_progress(tmp_path: Path) -> None:
+    sidecar = new_sidecar(tmp_path)
+    sidecar.set_progress(0, {"bytes_done": 1, "bytes_total": 10})
+    sidecar.set_progress(0, {"bytes_done": 2, "bytes_total": 10})
+    sidecar.remove()
+    # A window in which nothing may happen: the held-back write was due within the second.
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert not sidecar.path.exists(), "held-back progress recreated a removed sidecar"
+        time.sleep(0.05)
