@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.s3 import start_moto  # noqa: E402
 
 BUCKET = "spoold-bench-publish"
 ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -81,23 +82,6 @@ def check_document(client: Any, key: str, writers: int, updates_each: int) -> No
     lost = expected - set(entries)
     if lost:
         raise RuntimeError(f"{key}: {len(lost)} of {len(expected)} updates lost, e.g. {sorted(lost)[:3]}")
-
-
-def start_moto(log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with open(log, "wb") as stream:
-        process = subprocess.Popen([sys.executable, "-m", "tests.moto_launcher", "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=stream, stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return process, f"http://127.0.0.1:{port}"
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("moto server did not start")
 
 
 def main() -> None:

@@ -76,12 +76,13 @@ def run_child(args: list[str], env: dict[str, str]) -> tuple[float, int]:
 
 
 def start_moto(log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """moto's S3 server as the tests run it (tests/moto_launcher.py: conditional PUTs atomic, as real S3's are)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with open(log, "wb") as stream:
-        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=stream, stderr=subprocess.STDOUT)  # fmt: skip
+        process = subprocess.Popen([sys.executable, "-m", "tests.moto_launcher", "-H", "127.0.0.1", "-p", str(port)],
+                                   stdout=stream, stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with socket.socket() as sock:

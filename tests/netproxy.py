@@ -1,4 +1,5 @@
-"""A TCP proxy on loopback that a test can cut: every connection through it is closed at once, both ways."""
+"""A TCP proxy on loopback that a test can break: cut every connection at once, cut the first one after so
+many bytes, or blackhole the open ones (nothing forwarded, connections left open)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ import threading
 
 
 class Proxy:
-    """Forwards 127.0.0.1:`port` to 127.0.0.1:`target`; `cut()` drops the connections open now."""
+    """Forwards 127.0.0.1:`port` to 127.0.0.1:`target`.
 
-    def __init__(self, target: int, port: int = 0) -> None:
-        self.target = target
+    `cut_after`: the first connection is cut after that many client-to-server bytes. `cut()` drops the
+    connections open now; `wedge()` makes them forward nothing while staying open (a blackholed link).
+    """
+
+    def __init__(self, target: int, port: int = 0, cut_after: int | None = None) -> None:
+        self.target, self.cut_after = target, cut_after
         self.listener = socket.create_server(("127.0.0.1", port))
         self.listener.settimeout(0.1)
         self.port: int = self.listener.getsockname()[1]
         self.connections = 0
+        self.upstream_bytes = 0
+        self.wedged: set[int] = set()
         self._lock = threading.Lock()
         self._open: list[tuple[socket.socket, socket.socket]] = []
         self._stop = threading.Event()
@@ -35,22 +42,38 @@ class Proxy:
             except OSError:
                 client.close()
                 continue
+            server.settimeout(None)
             with self._lock:
                 self.connections += 1
+                number = self.connections
                 self._open.append((client, server))
-            threading.Thread(target=self._pipe, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
+            limit = self.cut_after if number == 1 else None
+            threading.Thread(target=self._pipe, args=(client, server, number, limit, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, number, None, False), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, target: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, number: int, limit: int | None,
+              is_upstream: bool) -> None:  # fmt: skip
+        sent = 0
         try:
             while data := source.recv(65536):
-                target.sendall(data)
+                if limit is not None and sent + len(data) > limit:
+                    break
+                if number in self.wedged:
+                    continue
+                sink.sendall(data)
+                sent += len(data)
+                if is_upstream:
+                    with self._lock:
+                        self.upstream_bytes += len(data)
         except OSError:
             pass
-        for sock in (source, target):
+        for sock in (source, sink):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+    def wedge(self) -> None:
+        """Blackhole every connection open now; later ones are forwarded as usual."""
+        self.wedged.update(range(1, self.connections + 1))
 
     def cut(self) -> int:
         """Close every connection open now (a link that went down); return how many there were."""

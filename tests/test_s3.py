@@ -7,14 +7,10 @@ same tests against a real S3-compatible endpoint as well.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
-import socket
-import subprocess
-import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,38 +39,6 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.env.get("AWS_DEFAULT_REGION"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
-        from tests.conftest import need_or_skip
-
-        need_or_skip("moto[server] is not installed (pip install 'moto[server]')")
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
-    try:
-        wait_for(lambda: _accepts(port) or process.poll() is not None, 30, "moto server")
-        assert process.poll() is None, "moto server exited at start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
-
-
 @pytest.fixture(params=["moto", "external"])
 def s3(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     if request.param == "external":
@@ -83,7 +47,7 @@ def s3(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> S3Ser
             pytest.skip("SPOOLD_TEST_S3_ENDPOINT is not set (opt-in test against a real S3-compatible endpoint)")
         env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
         return S3Server(endpoint, env, os.environ.get("SPOOLD_TEST_S3_BUCKET"))
-    endpoint = request.getfixturevalue("moto_server")
+    endpoint = request.getfixturevalue("moto_s3")
     for key, value in DUMMY_ENV.items():
         monkeypatch.setenv(key, value)
     return S3Server(endpoint, DUMMY_ENV)

@@ -2,85 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import socket
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import read_sidecar, sidecar_state, wait_for
+from tests.netproxy import Proxy
 from tests.sshd import Sshd, keygen
 
 MiB = 1 << 20
-
-
-class CuttingProxy:
-    """Forwards TCP to `port`; the first connection is cut after `cut_after` client-to-server bytes."""
-
-    def __init__(self, port: int, cut_after: int) -> None:
-        self.port_to, self.cut_after = port, cut_after
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.port = self.listener.getsockname()[1]
-        self.upstream_bytes = 0
-        self.connections = 0
-        # Connections that forward nothing any more, both ways, while staying open: a blackholed link.
-        self.wedged: set[int] = set()
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            server = socket.create_connection(("127.0.0.1", self.port_to))
-            self._sockets += [client, server]
-            limit = self.cut_after if self.connections == 1 else None
-            number = self.connections
-            threading.Thread(target=self._pipe, args=(client, server, limit, True, number), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, None, False, number), daemon=True).start()
-
-    def wedge(self) -> None:
-        """Blackhole every connection open now; later ones are forwarded as usual."""
-        self.wedged.update(range(1, self.connections + 1))
-
-    def _pipe(self, source: socket.socket, target: socket.socket, limit: int | None, is_upstream: bool,
-              number: int) -> None:  # fmt: skip
-        sent = 0
-        try:
-            while data := source.recv(65536):
-                if limit is not None and sent + len(data) > limit:
-                    break
-                if number in self.wedged:
-                    continue
-                target.sendall(data)
-                sent += len(data)
-                if is_upstream:
-                    with self._lock:
-                        self.upstream_bytes += len(data)
-        except OSError:
-            pass
-        for sock in (source, target):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self.listener.close()
-        for sock in self._sockets:
-            sock.close()
 
 
 def ship_config(write_config: Callable[..., Path], sshd: Sshd, dest: Path, **overrides: Any) -> Path:
@@ -135,7 +68,7 @@ def test_ship_file_and_bundle(sshd: Sshd, tmp_path: Path, spool: Path, daemon: A
 
 
 def test_resume_after_connection_cut(sshd: Sshd, tmp_path: Path, spool: Path, daemon: Any, write_config: Any) -> None:
-    proxy = CuttingProxy(sshd.port, cut_after=4 * MiB)
+    proxy = Proxy(sshd.port, cut_after=4 * MiB)
     try:
         known_hosts = tmp_path / "known_hosts_proxy"
         known_hosts.write_text(sshd.known_hosts_line(proxy.port))
@@ -162,7 +95,7 @@ def test_a_connection_that_timed_out_is_not_reused(
 ) -> None:
     """A link blackholed with its TCP connection open: the attempt times out (30 s, the I/O floor), and the
     next attempt must open a new connection instead of waiting on the wedged one again."""
-    proxy = CuttingProxy(sshd.port, cut_after=1 << 40)
+    proxy = Proxy(sshd.port)
     try:
         known_hosts = tmp_path / "known_hosts_proxy"
         known_hosts.write_text(sshd.known_hosts_line(proxy.port))

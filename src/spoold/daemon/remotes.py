@@ -20,11 +20,11 @@ import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Union
-from urllib.parse import urlsplit
 
+from spoold.errors import PermanentError
 from spoold.handlers.base import Handler
 from spoold.options import Builder, YamlPath
-from spoold.transports.base import ConnectionOptions, redact_url
+from spoold.transports.base import ConnectionOptions, parse_url, redact_url
 
 REMOTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Scheme -> the kind of connection it makes: `ssh://` (exec) and `sftp://` (ship, wait, pull) are one SSH login.
@@ -86,21 +86,15 @@ def _split_remote_url(url: str) -> tuple[str, str]:
     if scheme not in _CONNECTION_KIND:
         raise ValueError(f"url: {redact_url(url)!r} {usage}")
     authority, _, path = rest.partition("/")
-    userinfo, at, _ = authority.rpartition("@")
-    if ":" in userinfo:
+    if ":" in authority.rpartition("@")[0]:
         raise ValueError("url: never put a password in a remote's url; use password_file or credential")
     if path:
         raise ValueError(f"url: {redact_url(url)!r} names a host only; put the path in each step's URL")
-    if any(c in authority for c in "?#\\"):
-        raise ValueError(f"url: bad host in {redact_url(url)!r}")
-    parts = urlsplit(f"{scheme}://{authority}")
     try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"url: bad port in {redact_url(url)!r}") from None
-    if not parts.hostname:
-        raise ValueError(f"url: {redact_url(url)!r} has no host")
-    if scheme == "s3" and (at or port is not None):
+        parsed = parse_url(url)  # the same host and port rules as every step URL
+    except PermanentError as exc:
+        raise ValueError(f"url: {exc}") from None
+    if scheme == "s3" and (parsed.user or parsed.port is not None):
         raise ValueError(f"url: {redact_url(url)!r}: an s3:// remote names a bucket only; use endpoint_url "
                          "for another server")  # fmt: skip
     return scheme, authority

@@ -89,14 +89,18 @@ class SftpTransport(Transport):
         if ssh is not None:
             ssh.close()
 
-    def _client(self) -> paramiko.SFTPClient:
-        """This thread's SFTP session on the shared SSH connection; reconnects when it died."""
+    def _connection(self) -> paramiko.Transport:
+        """The shared SSH connection; reconnects when it died."""
         with self._lock:
             if self._ssh is None or not self._ssh.is_active():
                 with self._mapped(f"connect to {self.url.host}"):
                     self._ssh = connect(self.url, self.settings, WINDOW_BYTES, PACKET_BYTES)
                 self._digests = FarDigests(self._ssh, self._io_timeout)
-            ssh = self._ssh
+            return self._ssh
+
+    def _client(self) -> paramiko.SFTPClient:
+        """This thread's SFTP session on the shared SSH connection."""
+        ssh = self._connection()
         client: paramiko.SFTPClient | None = getattr(self._local, "client", None)
         if client is None or client.get_channel().get_transport() is not ssh or client.get_channel().closed:
             with self._mapped(f"open an SFTP session on {self.url.host}"):
@@ -265,11 +269,10 @@ class SftpTransport(Transport):
         return self._digests
 
     def run_command(self, command: str, *, timeout: float, check_stop: Callable[[], None]) -> CommandResult:
-        self._client()  # connects, or reconnects after a cut link
-        assert self._ssh is not None
+        ssh = self._connection()  # an exec channel needs no SFTP session
         with self._mapped(f"run a command on {self.url.host}"):
             try:
-                return ssh_exec.run(self._ssh, command, timeout=timeout, check_stop=check_stop)
+                return ssh_exec.run(ssh, command, timeout=timeout, check_stop=check_stop)
             except ssh_exec.ExecRefused as exc:
                 raise PermanentError(f"{self.url.host} does not run commands for this account: {exc}") from None
             except CommandTimedOut:
