@@ -19,7 +19,8 @@ $(VENV)/.test-deps: pyproject.toml $(BIN)/spoold
 run: $(BIN)/spoold
 	$(BIN)/spoold run
 
-## Install what the tests need (openssh-server, ffmpeg, unzip via apt-get when missing) and pass them.
+## Install what the tests need (openssh-server, ffmpeg, unzip, debootstrap, systemd-container via apt-get when
+## missing) and pass them.
 test: system-deps $(VENV)/.test-deps
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
@@ -33,6 +34,8 @@ system-deps:
 	command -v ffmpeg >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
 	command -v ffprobe >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
 	command -v unzip >/dev/null 2>&1 || missing="$$missing unzip"; \
+	command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
+	command -v systemd-nspawn >/dev/null 2>&1 || missing="$$missing systemd-container"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \

@@ -6,7 +6,8 @@ import importlib
 import sys
 import traceback
 
-MODULES = ("core", "sftp", "s3", "s3_pull", "encode", "redact", "hostile", "remote_exec", "robot_000", "publish")
+MODULES = ("core", "sftp", "s3", "s3_pull", "encode", "redact", "hostile", "remote_exec", "robot_000", "publish",
+           "rate")
 
 
 def main() -> int:

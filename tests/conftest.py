@@ -146,6 +146,51 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
         process.stop()
 
 
+SCHEMAS = {"spoold.status/1": "sidecar.schema.json", "spoold.health/1": "health.schema.json"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "planted_sidecars: the test writes sidecars or health.json by hand; they "
+                                       "are not checked against the schemas")  # fmt: skip
+
+
+def written_documents(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every `*/status/*.json` and `health.json` below `root` that says it is a sidecar or a health file."""
+    for folder, _dirs, files in os.walk(root):
+        is_status = os.path.basename(folder) == "status"
+        for name in files:
+            if not ((is_status and name.endswith(".json") and not name.startswith(".")) or name == "health.json"):
+                continue
+            path = Path(folder, name)
+            try:
+                document = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                continue  # planted garbage, or gone meanwhile
+            if isinstance(document, dict) and document.get("schema") in SCHEMAS:
+                yield path, document
+
+
+@pytest.fixture(autouse=True)
+def sidecars_match_the_schema(request: pytest.FixtureRequest) -> Iterator[None]:
+    """At the end of each test, every sidecar and health.json spoold wrote under its tmp_path is valid."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    if tmp is None or request.node.get_closest_marker("planted_sidecars") or not Path(tmp).is_dir():
+        return
+    import jsonschema
+
+    folder = REPO / "src" / "spoold" / "schemas"
+    validators = {key: jsonschema.Draft202012Validator(json.loads((folder / file).read_text()))
+                  for key, file in SCHEMAS.items()}  # fmt: skip
+    problems = []
+    for path, document in written_documents(Path(tmp)):
+        for error in validators[document["schema"]].iter_errors(document):
+            where = "/".join(str(p) for p in error.absolute_path) or "(top)"
+            problems.append(f"{str(path.relative_to(tmp))!r}: {where}: {error.message[:300]!r}")
+    if problems:
+        pytest.fail("spoold wrote files its schema does not allow:\n  " + "\n  ".join(problems[:20]))
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
     before = set(threading.enumerate())

@@ -322,7 +322,8 @@ def assert_prometheus_text(text: str) -> None:
         else:
             match = sample.match(line)
             assert match, f"not a Prometheus sample line: {line!r}"
-            assert match.group(1) in typed, f"{match.group(1)} has no # TYPE line before it"
+            family = re.sub(r"_(bucket|sum|count)$", "", match.group(1))  # a histogram's samples
+            assert match.group(1) in typed or family in typed, f"{match.group(1)} has no # TYPE line before it"
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -128,3 +128,26 @@ def test_retry_needs_an_item_or_all(write_config: Callable[[str], Path], spool: 
     config = write_config("spool: {spool}\nqueues:\n  q: {chain: [checksum]}\n")
     result = spoold("retry", "-c", str(config), "q")
     assert result.returncode == 64 and "--all" in result.stderr
+
+
+def test_status_watch_json_streams_one_document_per_refresh_and_ctrl_c_exits_0(
+    tmp_path: Path, write_config: Callable[[str], Path], spool: Path
+) -> None:
+    config = write_config("spool: {spool}\nqueues:\n  q: {chain: [checksum]}\n")
+    out = tmp_path / "watch.out"
+    with open(out, "wb") as stream:
+        watcher = subprocess.Popen([sys.executable, "-m", "spoold", "status", "-c", str(config), "--watch", "--json"],
+                                   stdout=stream, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        wait_for(lambda: out.read_bytes().count(b"\n") >= 2, 15, "two refreshes")
+        watcher.send_signal(signal.SIGINT)
+        _, err = watcher.communicate(timeout=10)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 0 and b"Traceback" not in err, err
+    documents = [json.loads(line) for line in out.read_bytes().splitlines()]
+    assert len(documents) >= 2 and all(d["queues"]["q"]["counts"] == {} for d in documents)
+    assert b"\x1b[" not in out.read_bytes(), "a stream of JSON is never cleared like a screen"
+    assert json.loads(spoold("status", "-c", str(config), "--json").stdout)["queues"]["q"]["items"] == []

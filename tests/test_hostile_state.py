@@ -146,6 +146,7 @@ def write_sidecar(spool: Path, queue: str, document: dict[str, Any]) -> None:
         json.dump(document, stream)
 
 
+@pytest.mark.planted_sidecars
 def test_status_escapes_a_sidecar_as_written_and_caps_long_values(
     tmp_path: Path, spool: Path, write_config: WriteConfig
 ) -> None:
@@ -272,6 +273,7 @@ def forge_health(spool: Path, pid: int, uid: int = 0, mode: int = 0o644) -> None
     os.chmod(health, mode)
 
 
+@pytest.mark.planted_sidecars
 @pytest.mark.parametrize("forgery", ["owned-by-producer", "group-writable", "not-spoold", "producer-process"])
 def test_retry_does_not_signal_a_forged_pid(
     forgery: str, tmp_path: Path, spool: Path, daemon: Any, write_config: WriteConfig, echo_tool: Path,

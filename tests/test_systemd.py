@@ -202,16 +202,66 @@ def test_bad_config_exits_78(tmp_path: Path, write_config: Callable[[str], Path]
     assert "queues.q.chain[0].checksum.algos" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_journal_format_when_journal_stream_is_set(
-    write_config: Callable[[str], Path], daemon: Callable[..., DaemonProcess], spool: Path
+def test_journal_prefix_on_stderr_when_the_journal_socket_is_gone(
+    write_config: Callable[[str], Path], daemon: Callable[..., DaemonProcess], spool: Path, tmp_path: Path
 ) -> None:
-    process = daemon(write_config(CONFIG), env={"JOURNAL_STREAM": "8:1234"})
+    # stderr is the journal stream (JOURNAL_STREAM names it), but journald's socket cannot be written:
+    # every record still reaches stderr, with the priority prefix journald reads from a stream.
+    log = tmp_path / "daemon0.log"
+    log.touch()
+    st = log.stat()
+    process = daemon(write_config(CONFIG), env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}",
+                                                "SPOOLD_JOURNAL_SOCKET": str(tmp_path / "no-journal.sock")})
     (spool / "incoming" / "inbox" / "j.bin").write_bytes(b"x")
     wait_for(sidecar_state(spool, "incoming", "j.bin", "done"), 10, "done")
     wait_for(lambda: "j.bin: done" in process.log(), 5, "log line")
     lines = [line for line in process.log().splitlines() if line]
     assert lines and all(line[:3] in ("<6>", "<4>", "<3>", "<7>", "<2>") for line in lines), lines[:5]
     assert not any(line[3:7].isdigit() for line in lines), "no timestamps of our own under journald"
+
+
+def test_no_journal_format_when_journal_stream_names_another_file(
+    write_config: Callable[[str], Path], daemon: Callable[..., DaemonProcess], spool: Path
+) -> None:
+    # systemd passes JOURNAL_STREAM on to children whose stderr went elsewhere: then it is not the journal.
+    process = daemon(write_config(CONFIG), env={"JOURNAL_STREAM": "8:1234"})
+    (spool / "incoming" / "inbox" / "j.bin").write_bytes(b"x")
+    wait_for(lambda: "j.bin: done" in process.log(), 10, "log line")
+    assert not any(line.startswith("<") for line in process.log().splitlines()), process.log()
+
+
+def test_status_says_running_while_a_long_step_runs(
+    notify_daemon: Callable[..., DaemonProcess], listener: NotifyListener, spool: Path, tmp_path: Path
+) -> None:
+    # The step blocks on a FIFO until the test opens it for writing: nothing here depends on timing.
+    release = tmp_path / "release.fifo"
+    os.mkfifo(release)
+    config = CONFIG.replace(
+        "      - checksum: {algorithms: [sha256]}",
+        "      - exec: {argv: [" + sys.executable + ", -c, 'import sys; open(sys.argv[1]).read()', " + str(release)
+        + "]}",
+    )
+    notify_daemon(config)
+    ready = listener.wait_for("READY=1")
+    (spool / "incoming" / "inbox" / "long.bin").write_bytes(b"payload")
+    wait_for(sidecar_state(spool, "incoming", "long.bin", "running"), 10, "exec running")
+    listener.wait_for("STATUS=1 running, 0 queued, 0 failed, disk ok", ready)
+    during = [m for m in listener.drain()[ready:] if m.startswith("STATUS=")]
+    writer = wait_for(lambda: _open_writer(release), 10, "the step reading its FIFO")
+    os.write(writer, b"go")
+    os.close(writer)
+    wait_for(sidecar_state(spool, "incoming", "long.bin", "done"), 10, "item done")
+    listener.wait_for("STATUS=0 running, 0 queued, 0 failed, disk ok", ready + len(during))
+    # From its claim to its end the item was never reported queued: it was dispatched in the same tick.
+    assert during[-1] == "STATUS=1 running, 0 queued, 0 failed, disk ok", during
+    assert "STATUS=0 running, 1 queued, 0 failed, disk ok" not in listener.drain()[ready:], listener.messages
+
+
+def _open_writer(fifo: Path) -> int | None:
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: nobody reads it yet
+        return None
 
 
 # ---- the unit files -----------------------------------------------------------------------------------------
@@ -266,3 +316,4 @@ def test_units_contract() -> None:
     assert "spoold" in (REPO / "systemd" / "spoold.sysusers").read_text()
     assert "/var/spool/spoold 2750" in (REPO / "systemd" / "spoold.tmpfiles").read_text()
     assert os.access(REPO / "systemd", os.R_OK)
+

@@ -1,43 +1,29 @@
-"""The command line. Only this module prints to the terminal and chooses exit codes."""
+"""The command line. Only the `cli` modules print to the terminal and choose exit codes (`cli_base`);
+`cli_drop` is `spoold drop [--wait]`, `cli_nudge` the signal `spoold retry` sends the daemon."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
-import logging
 import os
-import shutil
-import signal
-import stat
 import sys
+from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from spoold import __version__
-from spoold.daemon.config import EMBEDDED_DEFAULT, Config, load_config
+from spoold.cli_base import EX_CANTCREAT, EX_CONFIG, EX_NOINPUT, EX_OK, EX_USAGE, CliError, pick_queues
+from spoold.cli_drop import add_arguments as add_drop_arguments
+from spoold.cli_drop import cmd_drop
+from spoold.cli_nudge import nudge_daemon
+from spoold.daemon.config import EMBEDDED_DEFAULT, load_config
 from spoold.daemon.layout import SpoolLayout
 from spoold.daemon.retries import requeue_failed
 from spoold.errors import ConfigError
 from spoold.fsio import read_json
 
-EX_OK = 0
-EX_FAIL = 1
-EX_USAGE = 64
-EX_NOINPUT = 66
-EX_CANTCREAT = 73
-EX_CONFIG = 78
-# health.json is a few hundred bytes; a bigger one is not the daemon's.
-HEALTH_BYTES = 1 << 20
-
-log = logging.getLogger("spoold.cli")
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = EX_FAIL) -> None:
-        super().__init__(message)
-        self.code = code
+# `spoold schema NAME`: the JSON Schemas (draft 2020-12) of the files spoold writes for others to read.
+SCHEMAS = {"sidecar": "sidecar.schema.json", "health": "health.schema.json"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("queue", nargs="?", help="only this queue")
     status.add_argument("item", nargs="?", help="only this item")
     status.add_argument("--json", action="store_true", help="print JSON")
-    status.add_argument("--watch", action="store_true", help="redraw every second")
+    status.add_argument("--watch", action="store_true", help="redraw every second (with --json: one JSON "
+                                                             "document per line, per refresh)")
     status.add_argument("--all", action="store_true", help="list done items too")
     retry = with_config(commands.add_parser("retry", help="send failed items back to be processed"))
     retry.add_argument("queue")
@@ -64,16 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--all", action="store_true", help="every failed item of the queue")
     init = commands.add_parser("init", help="create the spool layout and a starter config")
     init.add_argument("spool", nargs="?", default="./spool", type=Path)
-    drop = with_config(commands.add_parser("drop", help="copy files or folders into an inbox safely"))
-    drop.add_argument("queue")
-    drop.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    add_drop_arguments(with_config(commands.add_parser("drop", help="copy files or folders into an inbox safely")))
+    schema = commands.add_parser("schema", help="print the JSON Schema of a sidecar or of health.json")
+    schema.add_argument("name", metavar="NAME", help=f"one of: {', '.join(SCHEMAS)}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "check": cmd_check, "status": cmd_status, "retry": cmd_retry, "init": cmd_init,
-               "drop": cmd_drop}[args.command]  # fmt: skip
+               "drop": cmd_drop, "schema": cmd_schema}[args.command]  # fmt: skip
     try:
         return handler(args)
     except ConfigError as exc:
@@ -120,48 +107,38 @@ def cmd_status(args: argparse.Namespace) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="backslashreplace")
     config = load_config(args.config)
-    queues = _pick_queues(config, args.queue)
-    if args.item:
-        if "/" in args.item or args.item in (".", ".."):
-            raise CliError(f"no item {statusview.shown(args.item)!r}: an item name is one path component", EX_USAGE)
+    queues = pick_queues(config, args.queue)
+    # --watch --json streams: one compact document per refresh and line (JSON Lines), for a script to follow.
+    indent = None if args.watch else 2
+
+    def render_item() -> str:
         path = config.spool / args.queue / "status" / f"{args.item}.json"
+        document = read_json(path)
+        if document is None:
+            raise CliError(f"no item {statusview.shown(args.item)!r} in queue {args.queue!r} "
+                           f"({statusview.shown(path)} does not exist)", EX_NOINPUT)  # fmt: skip
+        # ensure_ascii: control characters and surrogate-escaped bytes leave as \uXXXX, never raw.
+        return json.dumps(document, indent=indent, ensure_ascii=True) if args.json else statusview.render_item(document)
 
-        def render_item() -> str:
-            document = read_json(path)
-            if document is None:
-                raise CliError(f"no item {statusview.shown(args.item)!r} in queue {args.queue!r} "
-                               f"({statusview.shown(path)} does not exist)", EX_NOINPUT)  # fmt: skip
-            # ensure_ascii: control characters and surrogate-escaped bytes leave as \uXXXX, never raw.
-            return json.dumps(document, indent=2, ensure_ascii=True) if args.json else statusview.render_item(document)
-
-        if args.watch:
-            statusview.watch(render_item)
-        print(render_item())
-        return EX_OK
-
-    def render() -> str:
+    def render_queues() -> str:
         data = statusview.summary(config.spool, queues)
         if args.json:
-            return json.dumps(data, indent=2, ensure_ascii=True)
+            return json.dumps(data, indent=indent, ensure_ascii=True)
         return statusview.render_table(data, is_all=args.all or bool(args.queue))
 
+    if args.item and ("/" in args.item or args.item in (".", "..")):
+        raise CliError(f"no item {statusview.shown(args.item)!r}: an item name is one path component", EX_USAGE)
+    render = render_item if args.item else render_queues
     if args.watch:
-        statusview.watch(render)
-    print(render())
+        statusview.watch(render, is_stream=args.json)
+    else:
+        print(render())
     return EX_OK
-
-
-def _pick_queues(config: Config, queue: str | None) -> list[str]:
-    if queue is None:
-        return list(config.queues)
-    if queue not in config.queues:
-        raise CliError(f"no queue {queue!r} in {config.source}; queues: {', '.join(config.queues)}", EX_USAGE)
-    return [queue]
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    _pick_queues(config, args.queue)
+    pick_queues(config, args.queue)
     if bool(args.item) == bool(args.all):
         raise CliError("say which failed item to retry, or --all", EX_USAGE)
     folders = SpoolLayout(config.spool, config.queues).queues[args.queue]
@@ -177,136 +154,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
             continue
         retried += 1
         print(f"{args.queue}/{name}: queued again")
-    _nudge_daemon(config)
+    nudge_daemon(config)
     if not retried:
         print(f"{args.queue}: no failed items")
     return EX_OK
-
-
-def _nudge_daemon(config: Config) -> None:
-    """Ask the spool's running daemon to look at work/ now rather than at its next rescan.
-
-    health.json names the pid, but `spoold retry` often runs as root, so a forged health.json must not make it
-    signal another process: the pid is signalled only when health.json is the daemon's (owned by the spool
-    root's owner or root, writable by no one else) and the process is that user's `spoold run` on this spool.
-    Otherwise nothing is sent, quietly: the daemon finds the item at its next rescan anyway.
-    """
-    try:
-        pid, pidfd = _open_spool_daemon(config)
-    except _NotTheDaemon as exc:
-        log.debug("not signalling the daemon: %s", exc)
-        return
-    try:
-        if pidfd is None:
-            os.kill(pid, signal.SIGUSR1)
-        else:
-            # Through the pidfd, so a daemon that exited after the checks is not replaced by a reused pid.
-            signal.pidfd_send_signal(pidfd, signal.SIGUSR1)
-    except (ProcessLookupError, PermissionError) as exc:
-        log.debug("not signalling the daemon: %s", exc)
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-
-
-class _NotTheDaemon(Exception):
-    """Raised when health.json's pid is not known to be this spool's daemon."""
-
-
-def _open_spool_daemon(config: Config) -> tuple[int, int | None]:
-    """The daemon's pid and a pidfd for it (None where the kernel has none), once it passed every check."""
-    try:
-        owners = {os.stat(config.spool).st_uid, 0}
-        health = _read_daemon_json(config.spool / "health.json", owners)
-    except (OSError, ValueError, RecursionError) as exc:
-        raise _NotTheDaemon(f"health.json: {exc}") from None
-    pid = health.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 31 or pid == os.getpid():
-        raise _NotTheDaemon(f"health.json names no usable pid ({pid!r})")
-    fd = None
-    with contextlib.suppress(AttributeError, OSError):
-        fd = os.pidfd_open(pid)  # before the checks: whatever they read, the signal goes to this process
-    try:
-        _check_daemon_process(pid, owners, config)
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        raise
-    return pid, fd
-
-
-def _read_daemon_json(path: Path, owners: set[int]) -> dict[str, Any]:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
-        if info.st_uid not in owners:
-            raise ValueError(f"owned by uid {info.st_uid}, not by the daemon's user")
-        if info.st_mode & 0o022:
-            raise ValueError(f"writable by others (mode {stat.S_IMODE(info.st_mode):o})")
-        data = os.read(fd, HEALTH_BYTES)
-    finally:
-        os.close(fd)
-    document = json.loads(data)
-    if not isinstance(document, dict):
-        raise ValueError("not a JSON object")
-    return document
-
-
-def _check_daemon_process(pid: int, owners: set[int], config: Config) -> None:
-    proc = Path(f"/proc/{pid}")
-    try:
-        uids = {int(u) for line in (proc / "status").read_text().splitlines() if line.startswith("Uid:")
-                for u in line.split()[1:]}  # fmt: skip
-        argv = [os.fsdecode(a) for a in (proc / "cmdline").read_bytes().split(b"\0")[:-1]]
-    except (OSError, ValueError) as exc:
-        raise _NotTheDaemon(f"cannot inspect pid {pid}: {exc}") from None
-    if not uids or not uids <= owners:
-        raise _NotTheDaemon(f"pid {pid} runs as uid {sorted(uids)}, not as the spool's owner or root")
-    run_at = _spoold_run_index(argv)
-    if run_at is None:
-        raise _NotTheDaemon(f"pid {pid} is not `spoold run`")
-    if not _runs_this_spool(proc, argv[run_at + 1 :], config):
-        raise _NotTheDaemon(f"pid {pid} runs another spool")
-
-
-def _spoold_run_index(argv: list[str]) -> int | None:
-    """Where `run` follows the program in `python -m spoold run`, `python /usr/bin/spoold run`, `spoold run`."""
-    if not argv or not (Path(argv[0]).name.startswith("python") or Path(argv[0]).name == "spoold"):
-        return None
-    for index, word in enumerate(argv[:-1]):
-        if Path(word).name == "spoold" and argv[index + 1] == "run":
-            return index + 1
-    return None
-
-
-def _runs_this_spool(proc: Path, options: list[str], config: Config) -> bool:
-    """False only when the process's config clearly names another spool; True when that cannot be told cheaply."""
-    given: str | None = None
-    for index, word in enumerate(options):
-        if word in ("-c", "--config") and index + 1 < len(options):
-            given = options[index + 1]
-        elif word.startswith("--config="):
-            given = word.partition("=")[2]
-        elif word.startswith("-c") and len(word) > 2:
-            given = word[2:]
-    try:
-        cwd = Path(os.readlink(proc / "cwd"))
-    except OSError:
-        return True
-    path = cwd / given if given else None
-    with contextlib.suppress(OSError):
-        if path is not None and os.path.samefile(path, config.source):
-            return True
-    try:
-        spool = cwd / load_config(path).spool
-    except (ConfigError, OSError):
-        return True
-    try:
-        return os.path.samefile(spool, config.spool)
-    except OSError:
-        return False
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -329,39 +180,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def cmd_drop(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    _pick_queues(config, args.queue)
-    queue = config.queues[args.queue]
-    inbox = config.spool / args.queue / "inbox"
-    if not inbox.is_dir():
-        raise CliError(f"{inbox} does not exist; start spoold once (or run spoold init) to create it", EX_NOINPUT)
-    for path in args.paths:
-        if not path.exists() or path.is_symlink():
-            raise CliError(f"{path}: no such file or folder (links are not followed)", EX_NOINPUT)
-        if (inbox / path.name).exists():
-            raise CliError(f"{inbox / path.name} already exists; not overwriting it", EX_CANTCREAT)
-    for path in args.paths:
-        _drop_one(path, inbox, is_marker_wanted=path.is_dir() and queue.spec.ready == "marker")
-        print(f"dropped {path} into {args.queue}")
+def cmd_schema(args: argparse.Namespace) -> int:
+    file_name = SCHEMAS.get(args.name)
+    if file_name is None:
+        raise CliError(f"no schema named {args.name!r}; schemas: {', '.join(SCHEMAS)}", EX_USAGE)
+    print(resources.files("spoold").joinpath("schemas", file_name).read_text(encoding="utf-8"), end="")
     return EX_OK
-
-
-def _drop_one(path: Path, inbox: Path, *, is_marker_wanted: bool) -> None:
-    # A hidden temp name is ignored by the daemon until the rename makes it whole at once.
-    tmp = inbox / f".{path.name}.spoold-drop"
-    try:
-        if path.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(path, tmp, symlinks=True)
-        else:
-            shutil.copy2(path, tmp)
-        os.rename(tmp, inbox / path.name)
-        if is_marker_wanted:
-            marker_tmp = inbox / f".{path.name}.ready.spoold-drop"
-            marker_tmp.write_text("{}\n", encoding="utf-8")
-            os.rename(marker_tmp, inbox / f"{path.name}.ready")
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-        raise CliError(f"cannot drop {path}: {exc.strerror}", EX_CANTCREAT) from None

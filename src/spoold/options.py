@@ -32,6 +32,10 @@ class Bytes(int):
     """A size in bytes; YAML may say `64MiB`, `5GiB`, `10GB` or a plain number."""
 
 
+class Rate(int):
+    """Bytes per second, more than zero; YAML may say `2MiB/s`, `500KB/s` (a size per second) or a plain number."""
+
+
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -67,6 +71,24 @@ def parse_size(value: object) -> Bytes:
     if match is None or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"expected a size like 512KiB, 64MiB or 5GiB, got {value!r}")
     return Bytes(int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]))
+
+
+def parse_rate(value: object) -> Rate:
+    """Return `value` as bytes per second (a size with `/s`, or a whole number), or raise ValueError."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"a rate must be more than zero bytes per second, got {value!r}")
+        return Rate(value)
+    text = value.strip() if isinstance(value, str) else ""
+    if not text.lower().endswith("/s"):
+        raise ValueError(f"expected a rate like 512KiB/s, 2MiB/s or 10MB/s, got {value!r}")
+    try:
+        rate = parse_size(text[:-2])
+    except ValueError:
+        raise ValueError(f"expected a rate like 512KiB/s, 2MiB/s or 10MB/s, got {value!r}") from None
+    if rate <= 0:
+        raise ValueError(f"a rate must be more than zero bytes per second, got {value!r}")
+    return Rate(rate)
 
 
 def format_path(path: YamlPath) -> str:
@@ -194,4 +216,5 @@ _SCALARS: dict[Any, Callable[[object], Any]] = {
     bool: _parse_bool,
     Seconds: parse_duration,
     Bytes: parse_size,
+    Rate: parse_rate,
 }

@@ -1,78 +1,34 @@
-"""Reading sidecars for `spoold status`: tables, progress bars and JSON.
+"""Reading sidecars for `spoold status`: the queue table, one item's timeline (each step, each attempt), and
+`--watch`.
 
 What a sidecar holds is mostly a producer's: item names are any bytes (a name that is not UTF-8 arrives as
 surrogate-escaped text), fields and error messages quote what producers and remote servers sent. So every
-value printed here goes through `shown()`, which makes control characters, bidi overrides and lone
-surrogates visible (`\x1b`, `\u202e`, `\xff`) and caps long values; a terminal never receives an escape
+value printed here goes through `shown()` (statusfmt), which makes control characters, bidi overrides and
+lone surrogates visible (`\x1b`, `\u202e`, `\xff`) and caps long values; a terminal never receives an escape
 sequence from an item. `--json` prints the full values, as JSON with every such character escaped.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from spoold.fsio import read_json
+from spoold.statusfmt import gather_text, human_bytes, human_seconds, number, progress_text, shown
+
+__all__ = ["ACTIVE", "daemon_state", "load_sidecars", "render_item", "render_table", "shown", "summary", "watch"]
 
 ACTIVE = ("running", "waiting", "retrying", "queued")
-# C0, DEL, C1, the bidi marks, embeddings, overrides and isolates, line and paragraph separators, surrogates:
-# each could move the cursor, retitle the window, reorder what is shown or break the line of a terminal.
-_UNSAFE = re.compile(r"([\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff])")
 # Long enough for any real name, step or message; anything longer is a producer's and --json has it whole.
 ITEM_VALUE_CHARS = 2000
 STATE_CHARS = 20
-
-
-def shown(value: object, limit: int | None = None) -> str:
-    """`value` as text that is safe to print, at most `limit` characters (cut with "…")."""
-    text = value if isinstance(value, str) else _as_text(value)
-    pieces = _UNSAFE.split(text if limit is None else text[: limit + 1])
-    # split() with one group alternates: plain text, one unsafe character, plain text, ...
-    for index in range(1, len(pieces), 2):
-        pieces[index] = _escape(pieces[index])
-    whole = "".join(pieces)
-    if limit is None or len(whole) <= limit:
-        return whole
-    kept, room = [], max(limit - 1, 0)
-    for index, piece in enumerate(pieces):
-        if len(piece) > room:
-            if index % 2 == 0:  # plain text may be cut anywhere, an escape only whole
-                kept.append(piece[:room])
-            break
-        kept.append(piece)
-        room -= len(piece)
-    return "".join(kept) + "…"
-
-
-def _as_text(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False, default=str)
-    return str(value)
-
-
-_SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def _escape(char: str) -> str:
-    if char in _SHORT_ESCAPES:
-        return _SHORT_ESCAPES[char]
-    code = ord(char)
-    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, kept by surrogateescape: show the byte
-        return f"\\x{code - 0xDC00:02x}"
-    if code <= 0xFF:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}"
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+LOG_TAIL_LINES = 10
+CAMERA_LINES = 16
 
 
 def load_sidecars(spool: Path, queue: str) -> list[dict[str, Any]]:
@@ -92,7 +48,7 @@ def load_sidecars(spool: Path, queue: str) -> list[dict[str, Any]]:
 
 def summary(spool: Path, queues: list[str]) -> dict[str, Any]:
     health = read_json(spool / "health.json")
-    result: dict[str, Any] = {"spool": str(spool), "daemon": _daemon_state(health), "queues": {}}
+    result: dict[str, Any] = {"spool": str(spool), "daemon": daemon_state(health), "queues": {}}
     for queue in queues:
         documents = load_sidecars(spool, queue)
         counts: dict[str, int] = {}
@@ -102,7 +58,7 @@ def summary(spool: Path, queues: list[str]) -> dict[str, Any]:
     return result
 
 
-def _daemon_state(health: dict[str, Any] | None) -> dict[str, Any]:
+def daemon_state(health: dict[str, Any] | None) -> dict[str, Any]:
     if health is None:
         return {"running": False}
     heartbeat = health.get("heartbeat", "")
@@ -172,86 +128,164 @@ def render_table(data: dict[str, Any], *, is_all: bool, width: int | None = None
         lines.append(f"  {'ITEM':<32} {'STATE':<9} {'STEP':<10} PROGRESS")
         for item in items[-200:]:
             lines.append(f"  {shown(item['item'], 32):<32} {shown(item['state'], STATE_CHARS):<9} "
-                         f"{shown(item['step'] or '-', 16):<10} {_progress_text(item, width - 56)}")  # fmt: skip
+                         f"{shown(item['step'] or '-', 16):<10} {_progress_column(item, width - 56)}")  # fmt: skip
     return "\n".join(lines)
 
 
-def _progress_text(item: dict[str, Any], room: int) -> str:
+def _progress_column(item: dict[str, Any], room: int) -> str:
     if item["state"] == "failed":
         return shown(item.get("error"), max(room, 20))
     progress = item.get("progress")
     progress = progress if isinstance(progress, dict) else {}
-    total, done = _number(progress.get("bytes_total")), _number(progress.get("bytes_done"))
     if item["state"] == "waiting" and item.get("gather"):
-        return _gather_text(item["gather"], room)
+        return gather_text(item["gather"], room)
     if item.get("arriving"):
+        done, total = number(progress.get("bytes_done")), number(progress.get("bytes_total"))
         unit = shown(progress.get("unit", "bytes"), 20)
         return f"{done or 0:.0f} of {total or 0:.0f} {unit} so far; the bundle is still arriving"
-    if not total or done is None:
-        return ""
-    fraction = min(max(done / total, 0.0), 1.0)
-    bar_width = max(10, min(30, room - 30))
-    filled = int(fraction * bar_width)
-    rate = _number(progress.get("rate_bps"))
-    rate_text = f" {_human(rate)}/s" if rate else ""
-    eta = _number(progress.get("eta_s"))
-    eta_text = f" eta {eta:.0f}s" if eta is not None else ""
-    return f"[{'#' * filled}{'.' * (bar_width - filled)}] {fraction * 100:5.1f}%{rate_text}{eta_text}"
+    return progress_text(progress, max(room, 40))
 
 
-def _gather_text(gather: dict[str, Any], room: int, *, is_full: bool = False) -> str:
-    """A member of a `gather:` queue: who its group still misses, or which group item it went into."""
-    if gather.get("item"):
-        return shown(f"in group item {gather['item']} (group {gather.get('group')})", max(room, 20))
-    missing = gather.get("missing")
-    names = ", ".join(str(m) for m in missing) if isinstance(missing, list) else "?"
-    until = f", until {gather.get('deadline')}" if is_full else ""
-    return shown(f"missing {names} (group {gather.get('group')}{until})", max(room, 20))
+# ---- one item: its steps and each step's attempts -----------------------------------------------------------
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+def _cap(value: object) -> str:
+    return shown(value, ITEM_VALUE_CHARS)
 
 
 def render_item(document: dict[str, Any]) -> str:
-    def cap(value: object) -> str:
-        return shown(value, ITEM_VALUE_CHARS)
-
-    lines = [f"{cap(document.get('queue'))}/{cap(document.get('item'))}: {cap(document.get('state'))}"
-             + (f" at {cap(document['step'])}" if document.get("step") else "")]  # fmt: skip
+    lines = [f"{_cap(document.get('queue'))}/{_cap(document.get('item'))}: {_cap(document.get('state'))}"
+             + (f" at {_cap(document['step'])}" if document.get("step") else "")]  # fmt: skip
     if document.get("original_name") != document.get("item"):
-        lines.append(f"  dropped as: {cap(document.get('original_name'))}")
+        lines.append(f"  dropped as: {_cap(document.get('original_name'))}")
     if isinstance(document.get("gather"), dict):
-        lines.append(f"  gather: {cap(_gather_text(document['gather'], ITEM_VALUE_CHARS, is_full=True))}")
+        lines.append(f"  gather: {_cap(gather_text(document['gather'], ITEM_VALUE_CHARS, is_full=True))}")
     if document.get("arriving"):
         lines.append("  still arriving: the first step runs while the bundle is written; waiting for its marker")
     if document.get("fields"):
-        lines.append(f"  fields: {cap(document['fields'])}")
+        lines.append(f"  fields: {_cap(document['fields'])}")
+    width = shutil.get_terminal_size((100, 20)).columns
     for step in _steps(document):
-        detail = cap(step.get("state", ""))
-        attempt = _number(step.get("attempt"))
-        if attempt is not None and attempt > 1:
-            detail += f" (attempt {attempt:.0f})"
-        if step.get("error"):
-            detail += f": {cap(_message(step['error']))}"
-        elif step.get("state") == "skipped" and step.get("skipped"):
-            # The reason names the `when:` condition that did not hold, so "why did it not ship?" is answered here.
-            detail += f": {cap(step['skipped'])}"
-        lines.append(f"  - {cap(step.get('name')):<10} {detail}")
+        lines.extend(_step_lines(step, width))
     if document.get("error"):
-        lines.append(f"  error: {cap(_message(document['error']))}")
+        lines.append(f"  error: {_cap(_message(document['error']))}")
     if document.get("next_attempt_at"):
-        lines.append(f"  next attempt at {cap(document['next_attempt_at'])}")
+        lines.append(f"  next attempt at {_cap(document['next_attempt_at'])}")
     return "\n".join(lines)
 
 
-def watch(render: Any, interval_seconds: float = 1.0) -> None:
-    """Redraw `render()` until interrupted."""
-    while True:
-        text = render()
-        print("\033[H\033[2J" + text + f"\n\n(refreshing every {interval_seconds:g}s; Ctrl-C to quit)", flush=True)
-        time.sleep(interval_seconds)
+def _step_lines(step: dict[str, Any], width: int) -> list[str]:
+    """The step's line; one line per attempt when there were several, or one is still to come; while the step
+    runs, its progress and the tail of a remote job's log."""
+    state = step.get("state", "")
+    detail = _cap(state)
+    attempt = number(step.get("attempt"))
+    history = step.get("history")
+    history = [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+    # One attempt that ended it all: said on the step's own line.
+    is_plain = state in ("done", "failed") and len(history) <= 1
+    if attempt is not None and attempt > 1:
+        detail += f" (attempt {attempt:.0f})"
+    if is_plain:
+        detail += _outcome_text(history[0] if history else step, with_state=False)
+    if step.get("error"):
+        detail += f": {_cap(_message(step['error']))}"
+    elif state == "skipped" and step.get("skipped"):
+        # The reason names the `when:` condition that did not hold, so "why did it not ship?" is answered here.
+        detail += f": {_cap(step['skipped'])}"
+    lines = [f"  - {_cap(step.get('name')):<10} {detail}"]
+    if not is_plain:
+        lines.extend(f"      attempt {_cap(h.get('attempt', '?'))}: {_cap(_attempt_text(h))}" for h in history)
+    if state == "running":  # a step polling for something (`waiting`) is still running; a gather member is not
+        lines.extend(_live_lines(step, width))
+    return lines
+
+
+# How an attempt's end reads: `done in 3.2 s`, `failed after 1.0 s (retried)`, ...
+_ENDED = {"done": ("done", "in", ""), "retrying": ("failed", "after", " (retried)"),
+          "failed": ("failed", "after", ""), "interrupted": ("interrupted", "after", " (resumed)")}  # fmt: skip
+
+
+def _outcome_text(record: dict[str, Any], *, with_state: bool = True) -> str:
+    """` in 3.2 s, 12.0 MiB at 3.8 MiB/s`; with the state: `failed after 3.2 s, ...`."""
+    state = record.get("state")
+    ended = _ENDED.get(state) if isinstance(state, str) else None
+    word, preposition = (ended[0], ended[1]) if ended else (shown(state, STATE_CHARS), "in")
+    seconds, moved = number(record.get("duration_s")), number(record.get("bytes"))
+    text = f" {preposition} {human_seconds(seconds)}" if seconds is not None else ""
+    if moved is not None:
+        text += f", {human_bytes(moved)}" if text else f" {human_bytes(moved)}"
+        if seconds:
+            text += f" at {human_bytes(moved / seconds)}/s"
+    return (word if with_state else "") + text
+
+
+def _attempt_text(record: dict[str, Any]) -> str:
+    text = f"started {shown(record.get('started') or '?', 40)}, " + _outcome_text(record)
+    state = record.get("state")
+    if state == "interrupted" and not record.get("finished"):
+        text += " (the daemon stopped without recording it; resumed)"
+    elif isinstance(state, str) and state in _ENDED:
+        text += _ENDED[state][2]
+    if isinstance(record.get("error"), dict):
+        error = record["error"]
+        text += f": {shown(error.get('type'), 40)}: {shown(error.get('message'), ITEM_VALUE_CHARS)}"
+    return text
+
+
+def _live_lines(step: dict[str, Any], width: int) -> list[str]:
+    lines = []
+    started = step.get("started")
+    attempt = number(step.get("attempt")) or 1
+    head = f"      attempt {attempt:.0f}: started {shown(started, 40)}" if started else ""
+    progress = step.get("progress")
+    # The log tail has lines of its own below.
+    bar = progress_text({k: v for k, v in progress.items() if k != "log_tail"} if isinstance(progress, dict) else None,
+                        max(width - 10, 40))  # fmt: skip
+    if head:
+        lines.append(head + (", running" if not bar else ""))
+    if bar:
+        lines.append(f"        {bar}")
+    cameras = progress.get("cameras") if isinstance(progress, dict) else None
+    if isinstance(cameras, dict):  # encode: one bar per camera
+        for name, camera in list(cameras.items())[:CAMERA_LINES]:
+            if isinstance(camera, dict):
+                frames = {"bytes_done": camera.get("frames_done"), "bytes_total": camera.get("frames_total"),
+                          "unit": "frames"}  # fmt: skip
+                lines.append(f"        {shown(name, 40)}: {progress_text(frames, max(width - 20, 40))}")
+    waiting = step.get("waiting")
+    if isinstance(waiting, dict) and waiting.get("for"):
+        next_check = shown(waiting.get("next_check_at"), 40)
+        lines.append(f"        waiting for {_cap(waiting['for'])}; next check {next_check}")
+    tail = progress.get("log_tail") if isinstance(progress, dict) else None
+    if isinstance(progress, dict) and isinstance(tail, list) and tail:
+        where = " ".join(shown(progress.get(k), 80) for k in ("host", "job") if progress.get(k))
+        lines.append(f"        log{f' ({where})' if where else ''}:")
+        lines.extend(f"          {shown(line, max(width - 10, 40))}" for line in tail[-LOG_TAIL_LINES:])
+    return lines
+
+
+# ---- --watch ------------------------------------------------------------------------------------------------
+
+
+def watch(render: Callable[[], str], interval_seconds: float = 1.0, *, is_stream: bool = False) -> None:
+    """Redraw `render()` every `interval_seconds` until Ctrl-C (or the reader goes away); returns then.
+
+    `is_stream` (`--json`): no screen clearing; each refresh is printed as it is, one document per line.
+    """
+    try:
+        while True:
+            text = render()
+            if is_stream:
+                print(text, flush=True)
+            else:
+                print("\033[H\033[2J" + text + f"\n\n(refreshing every {interval_seconds:g}s; Ctrl-C to quit)",
+                      flush=True)  # fmt: skip
+            time.sleep(interval_seconds)
+    except KeyboardInterrupt:
+        if not is_stream:
+            print(flush=True)
+    except BrokenPipeError:
+        # `spoold status --watch --json | head -1`: the reader left. Nothing more can be written, not even at exit.
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())

@@ -18,6 +18,7 @@ from spoold.daemon.config import Config, Queue
 from spoold.daemon.intake import Arrival
 from spoold.daemon.items import fields_from_name, fields_rejection, item_name_for, read_json_object
 from spoold.daemon.layout import HANDOFF_FILE, QueueFolders, read_handoff
+from spoold.daemon.logs import fields as log_fields
 from spoold.daemon.sidecar import Sidecar
 from spoold.daemon.trees import check_item
 
@@ -67,7 +68,8 @@ def claim(config: Config, queue: Queue, folders: QueueFolders, arrival: Arrival)
         reject(folders, sidecar, rejection)
     else:
         sidecar.write()
-        log.info("%s/%s: claimed%s", queue.name, name, "" if name == arrival.entry else f" ({arrival.entry})")
+        log.info("%s/%s: claimed%s", queue.name, name, "" if name == arrival.entry else f" ({arrival.entry})",
+                 extra=log_fields(queue.name, name))  # fmt: skip
     if arrival.marker:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folders.inbox / arrival.marker)
@@ -78,7 +80,8 @@ def reject(folders: QueueFolders, sidecar: Sidecar, reason: str) -> None:
     """Fail an item that cannot be handled at all, with the reason, and move it to failed/."""
     sidecar.rejected(reason)
     folders.finish(sidecar.name, "failed")
-    log.error("%s/%s: rejected: %s", sidecar.doc["queue"], sidecar.name, reason)
+    log.error("%s/%s: rejected: %s", sidecar.doc["queue"], sidecar.name, reason,
+              extra=log_fields(sidecar.doc["queue"], sidecar.name))  # fmt: skip
 
 
 def adopt_orphan(config: Config, queue: Queue, folders: QueueFolders, item: str) -> Sidecar | None:

@@ -21,7 +21,7 @@ from spoold.daemon.yamlfile import load_yaml
 from spoold.errors import ConfigError
 from spoold.handlers import HANDLERS, handler_class
 from spoold.handlers.base import Handler
-from spoold.options import Builder, Bytes, Seconds, YamlPath
+from spoold.options import Builder, Bytes, Rate, Seconds, YamlPath
 from spoold.templates import shadowed_builtins
 
 DEFAULT_CONFIG_PATH = Path("/etc/spoold/spoold.yaml")
@@ -126,6 +126,8 @@ class ConfigSpec:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     remotes: dict[str, RemoteSpec] = dataclasses.field(default_factory=dict)
     cache: CacheSpec | None = None
+    # One cap on all the daemon's transfers together (ship, fetch, pull), beside each step's own `rate:`.
+    rate: Rate | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +170,8 @@ class Config:
     remotes: dict[str, RemoteSpec] = dataclasses.field(default_factory=dict)
     # The node's download cache (`cache: {path, max}`), shared by every step that says `cache: true`.
     cache: Cache | None = None
+    # The top-level `rate:` in bytes per second (`ratelimit.shared_bucket`), or None for no spool-wide cap.
+    rate_bps: int | None = None
 
 
 def load_config(path: Path | None) -> Config:
@@ -226,6 +230,7 @@ def parse_config(text: str, file: str) -> Config:
         queues=queues,
         remotes=spec.remotes,
         cache=Cache.from_spec(spec.cache) if spec.cache else None,
+        rate_bps=int(spec.rate) if spec.rate else None,
     )
 
 

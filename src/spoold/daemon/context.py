@@ -23,6 +23,7 @@ from spoold.daemon.layout import QueueFolders
 from spoold.daemon.sidecar import Sidecar
 from spoold.errors import Interrupted
 from spoold.handlers.base import ArrivingBundle, Checkpoint, ItemKind
+from spoold.ratelimit import Limiter, TokenBucket, shared_bucket
 from spoold.templates import BUILTIN_NAMES, DIGEST_NAMES, is_url_template, render, render_url
 from spoold.transports import TransportPool
 
@@ -42,6 +43,11 @@ class ItemEnv:
     report_state: Callable[[str], None]
     hand_over: Callable[[ItemContext, str, list[Path], Mapping[str, Any], str | None], str]
     free_bytes: Callable[[], int]
+
+    @property
+    def spool_rate(self) -> TokenBucket | None:
+        """The daemon's one bucket for the top-level `rate:` (kept across reloads; see `ratelimit.shared_bucket`)."""
+        return shared_bucket(self.config.spool, self.config.rate_bps)
 
 
 class SidecarCheckpoint:
@@ -99,16 +105,21 @@ class ItemContext:
             return render_url(template, values)
         return render(template, values)
 
-    def progress(self, done: int, total: int, **extra: Any) -> None:
+    def progress(self, done: int, total: int | None, **extra: Any) -> None:
+        """`total` None: nobody said how much there is, and the sidecar says so (`bytes_total`, `eta_s` null)."""
         now = time.monotonic()
         progress: dict[str, Any] = {"bytes_done": done, "bytes_total": total, **extra}
-        if self._rate_sample is None:
+        if total is None:
+            progress["eta_s"] = None
+        # Going backwards (a server that ignored Range, a restarted part) starts a new rate sample.
+        if self._rate_sample is None or done < self._rate_sample[1]:
             self._rate_sample = (now, done)
         elif now - self._rate_sample[0] >= RATE_SAMPLE_SECONDS:
             rate = (done - self._rate_sample[1]) / (now - self._rate_sample[0])
             self._rate_sample = (now, done)
             progress["rate_bps"] = round(rate)
-            progress["eta_s"] = round((total - done) / rate, 1) if rate > 0 and total >= done else None
+            is_known = total is not None and rate > 0 and total >= done
+            progress["eta_s"] = round(((total or 0) - done) / rate, 1) if is_known else None
         # Progress means a wait is over (e.g. a download resumed after free space came back).
         if self._env.sidecar.set_progress(self._index, progress):
             self._env.report_state("running")
@@ -124,6 +135,13 @@ class ItemContext:
     def check_stop(self) -> None:
         if self._env.stop_event.is_set():
             raise Interrupted("the daemon is stopping")
+
+    def limiter(self, rate_bps: int | None) -> Limiter:
+        """A bucket of the step's own for `rate_bps` (None: no cap of its own) plus the spool's, stopped on stop."""
+        buckets = [TokenBucket(rate_bps)] if rate_bps else []
+        if (shared := self._env.spool_rate) is not None:
+            buckets.append(shared)
+        return Limiter(buckets, self._env.stop_event)
 
     def transport(self, url: str, settings: Mapping[str, Any]) -> Any:
         return self._env.transports.get(url, settings)

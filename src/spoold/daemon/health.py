@@ -5,14 +5,39 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spoold import __version__
+from spoold.daemon.metrics import Metrics, family, labels
 from spoold.daemon.sidecar import STATES
 from spoold.fsio import encode_json, now_iso, write_bytes_atomic
 from spoold.redact import redact
 
+if TYPE_CHECKING:
+    from spoold.daemon.queues import QueueBook
+
 HEALTH_SCHEMA = "spoold.health/1"
+# States in which a worker may hold an item and say so itself.
+_REPORTED_BY_WORKER = ("running", "waiting")
+
+
+def live_counts(book: QueueBook) -> dict[str, int]:
+    """The book's counts by state, each item a worker holds counted as running unless it reported waiting.
+
+    The recorded state is the last one a worker reported, so an item dispatched in this tick still reads
+    `queued` (or `retrying`) until its worker's first report: the summary sent at the end of the tick said
+    `0 running, 1 queued` for a step that had started, and any report lost or late would keep it so. Whether
+    a worker holds the item is the truth.
+    """
+    counts = dict(book.counts())
+    for item in book.running:
+        state = book.states.get(item)
+        if state in _REPORTED_BY_WORKER:
+            continue
+        if state is not None and counts.get(state, 0) > 0:
+            counts[state] -= 1
+        counts["running"] = counts.get("running", 0) + 1
+    return {state: n for state, n in counts.items() if n}
 
 
 @dataclasses.dataclass
@@ -61,32 +86,28 @@ class NodeStatus:
             "last_error": self.last_error,
         }
 
-    def metrics_text(self) -> str:
-        lines = [
-            "# HELP spoold_items Items by queue and state.",
-            "# TYPE spoold_items gauge",
-        ]
-        for queue, by_state in sorted(self.counts.items()):
-            for state in STATES:
-                lines.append(f'spoold_items{{queue="{queue}",state="{state}"}} {by_state.get(state, 0)}')
+    def metrics_text(self, metrics: Metrics | None = None) -> str:
+        lines = family("spoold_items", "gauge", "Items by queue and state.", [
+            f"spoold_items{labels(queue=queue, state=state)} {by_state.get(state, 0)}"
+            for queue, by_state in sorted(self.counts.items()) for state in STATES
+        ])  # fmt: skip
         lines += [
-            "# HELP spoold_spool_free_bytes Free bytes on the spool's filesystem.",
-            "# TYPE spoold_spool_free_bytes gauge",
-            f"spoold_spool_free_bytes {self.free_bytes}",
-            "# HELP spoold_intake_paused 1 while intake is paused for lack of disk space.",
-            "# TYPE spoold_intake_paused gauge",
-            f"spoold_intake_paused {int(self.is_intake_paused)}",
-            "# HELP spoold_ready 1 once the first scan is done.",
-            "# TYPE spoold_ready gauge",
-            f"spoold_ready {int(self.is_ready)}",
-        ]
+            *family("spoold_spool_free_bytes", "gauge", "Free bytes on the spool's filesystem.",
+                    [f"spoold_spool_free_bytes {self.free_bytes}"]),
+            *family("spoold_intake_paused", "gauge", "1 while intake is paused for lack of disk space.",
+                    [f"spoold_intake_paused {int(self.is_intake_paused)}"]),
+            *family("spoold_ready", "gauge", "1 once the first scan is done.", [f"spoold_ready {int(self.is_ready)}"]),
+        ]  # fmt: skip
+        if metrics is not None:
+            lines += metrics.lines()
         return redact("\n".join(lines)) + "\n"
 
 
-def write_health(status: NodeStatus, health_path: Path, metrics_path: Path) -> None:
+def write_health(status: NodeStatus, health_path: Path, metrics_path: Path, metrics: Metrics | None = None) -> None:
+    # The textfile collector reads *.prom whole; write it by rename too. It goes first: whoever sees a new
+    # health.json finds metrics at least as new.
+    write_bytes_atomic(metrics_path, status.metrics_text(metrics).encode())
     write_bytes_atomic(health_path, redact(encode_json(status.health_document()).decode()).encode())
-    # The textfile collector reads *.prom whole; write it by rename too.
-    write_bytes_atomic(metrics_path, status.metrics_text().encode())
 
 
 def _gib(n: int) -> str:

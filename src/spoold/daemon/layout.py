@@ -20,7 +20,9 @@ import errno
 import grp
 import hashlib
 import json
+import logging
 import os
+import pwd
 import shutil
 import stat
 import threading
@@ -42,6 +44,8 @@ MAX_ITEM_BYTES = 240
 _EXT_KEPT_BYTES = 16
 HANDOFF_FILE = ".handoff.json"
 HANDOFF_PREFIX = ".handoff-"
+
+log = logging.getLogger(__name__)
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -242,23 +246,87 @@ class SpoolLayout:
 
     @staticmethod
     def _make(path: Path, mode: int, gid: int, *, may_be_link: bool = False) -> None:
+        """Make `path` a folder of `mode` in group `gid` (-1: any), or accept it when it already is one.
+
+        New folders are made with the permission bits alone: the setgid bit comes from the parent (the
+        spool root has it from tmpfiles.d), because systemd's `RestrictSUIDSGID=` refuses a mode that asks
+        for it, and `SystemCallFilter=~@privileged` refuses chown. A folder that is already right needs
+        neither; one that is wrong and cannot be fixed stops the daemon with the fix in the message.
+        """
         try:
             info = os.stat(path) if may_be_link else os.lstat(path)
         except FileNotFoundError:
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode & 0o777, parents=True, exist_ok=True)
             info = os.lstat(path)
         if not stat.S_ISDIR(info.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "not a folder (a spool folder must be a real folder)", str(path))
+        refused: OSError | None = None
         if gid not in (-1, info.st_gid):
-            with contextlib.suppress(PermissionError):
+            try:
                 os.chown(path, -1, gid)
-        if stat.S_IMODE(info.st_mode) != mode:
+            except PermissionError as exc:
+                refused = exc
+        have = stat.S_IMODE(info.st_mode)
+        if have != mode:
             try:
                 os.chmod(path, mode)
-            except PermissionError:
-                # systemd's RestrictSUIDSGID= forbids the setgid bit; the modes without it still hold.
-                os.chmod(path, mode & ~stat.S_ISGID)
+            except PermissionError as exc:
+                refused = refused or exc
+                if have & 0o777 != mode & 0o777:
+                    # Only the permission bits, then: RestrictSUIDSGID= forbids asking for setgid.
+                    with contextlib.suppress(PermissionError):
+                        os.chmod(path, mode & 0o777)
+        if refused is not None:
+            _accept_or_explain(path, mode, gid, refused)
 
     def free_bytes(self) -> int:
         stats = os.statvfs(self.root)
         return stats.f_bavail * stats.f_frsize
+
+
+_warned: set[str] = set()
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _accept_or_explain(path: Path, mode: int, gid: int, refused: OSError) -> None:
+    """After a refused chown/chmod: go on when the folder works as it is, else say how root fixes it.
+
+    Works means the permission bits are the wanted ones and the group is the configured one; a missing
+    setgid bit alone is a warning (files producers drop keep their own group).
+    """
+    info = os.lstat(path)
+    have = stat.S_IMODE(info.st_mode)
+    wanted_gid = os.getegid() if gid == -1 else gid
+    if have & 0o777 == mode & 0o777 and gid in (-1, info.st_gid):
+        if have != mode and str(path) not in _warned:
+            _warned.add(str(path))
+            log.warning("%s is mode %04o, not %04o (spoold may not set the setgid bit under systemd): give it a "
+                        "tmpfiles.d line `d %s %04o %s %s -`", path, have, mode, path, mode,
+                        _user_name(), _group_name(wanted_gid))  # fmt: skip
+        return
+    group = _group_name(wanted_gid)
+    raise SpoolFolderError(
+        errno.EPERM,
+        f"the folder is mode {have:04o} group {_group_name(info.st_gid)} but must be {mode:04o} group {group}, "
+        f"and spoold may not change it ({refused.strerror}); as root run `chown {_user_name()}:{group} {path} && "
+        f"chmod {mode:04o} {path}`, or add the tmpfiles.d line `d {path} {mode:04o} {_user_name()} {group} -` "
+        "and run `systemd-tmpfiles --create`",
+        str(path),
+    )
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+class SpoolFolderError(PermissionError):
+    """A spool folder that is not as SPEC section 2 wants it and that spoold may not fix (exit 73)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 Verdict = Literal["done", "retry", "failed", "interrupted"]
+StepResultKind = Literal["ok", "retry", "failed"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,20 @@ class ItemFinished:
 
 
 @dataclasses.dataclass(frozen=True)
+class StepEnded:
+    """One attempt of a step ended (an attempt stopped by a shutdown is not reported: it did not end).
+
+    `bytes`: what a transfer step (ship, fetch, pull) moved in this attempt; None for other steps.
+    """
+
+    queue: str
+    step: str
+    result: StepResultKind
+    duration_s: float
+    bytes: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ItemAdopted:
     """A worker handed a new item over to a local queue (forward, fetch, pull)."""
 
@@ -64,4 +79,4 @@ class ItemAdopted:
     item: str
 
 
-Message = PathEvent | EventsLost | SignalReceived | StateChanged | ItemFinished | ItemAdopted
+Message = PathEvent | EventsLost | SignalReceived | StateChanged | StepEnded | ItemFinished | ItemAdopted

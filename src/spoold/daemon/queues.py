@@ -28,6 +28,12 @@ from spoold.fsio import now_iso
 log = logging.getLogger("spoold")
 
 StartWorker = Callable[["QueueBook", Sidecar, ArrivingItem | None], threading.Thread]
+# (queue, outcome: done, failed or rejected, wall-clock time): the loop's metrics count items ending.
+OnEnded = Callable[[str, str, float], None]
+
+
+def _not_counted(queue: str, outcome: str, at: float) -> None:
+    """An `OnEnded` for a book nobody counts."""
 
 
 class QueueBook:
@@ -50,6 +56,7 @@ class QueueBook:
         self.last_error: dict[str, Any] | None = None
         # Members of a `gather:` queue wait there for their group instead of running the chain.
         self.gathering = Gathering(config, queue, folders)
+        self.on_ended: OnEnded = _not_counted
 
     @property
     def name(self) -> str:
@@ -78,6 +85,8 @@ class QueueBook:
             self.sidecars.pop(name, None)
             if sidecar.state == "failed" and is_news:
                 self._note_error(sidecar)
+            elif sidecar.state == "done" and is_news:
+                self.on_ended(self.name, "done", time.time())
             return
         if name in self.running or self.is_closed:
             return
@@ -106,7 +115,10 @@ class QueueBook:
             self.track(sidecar)
 
     def _note_error(self, sidecar: Sidecar) -> None:
+        """A new failure (or rejection): the last error, and counted."""
         self.last_error = {"queue": self.name, "item": sidecar.name, **(sidecar.error or {}), "at": now_iso()}
+        is_rejected = (sidecar.error or {}).get("type") == "rejected"
+        self.on_ended(self.name, "rejected" if is_rejected else "failed", time.time())
 
     # ---- intake --------------------------------------------------------------------------------------------
 
@@ -246,6 +258,7 @@ class QueueBook:
                 self._note_error(sidecar)
             else:
                 log.info("%s/%s: done", self.name, item)
+                self.on_ended(self.name, "done", time.time())
             if (self.folders.work / item).exists():
                 # The worker could not move it (or gave up without a sidecar write): the next rescan tries.
                 recovery.settle_finished(self.queue, self.folders, sidecar, outcome.verdict)

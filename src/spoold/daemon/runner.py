@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,7 +23,9 @@ from spoold.daemon.config import Config, Queue, Step
 from spoold.daemon.context import ItemContext, ItemEnv
 from spoold.daemon.handoff import hand_over
 from spoold.daemon.layout import QueueFolders, SpoolLayout
-from spoold.daemon.messages import ItemAdopted, ItemFinished, Message, Outcome, StateChanged
+from spoold.daemon.logs import about
+from spoold.daemon.messages import ItemAdopted, ItemFinished, Message, Outcome, StateChanged, StepEnded, Verdict
+from spoold.daemon.metrics import TRANSFER_HANDLERS
 from spoold.daemon.recovery import settle_finished
 from spoold.daemon.sidecar import FINISHED_STEP_STATES, Sidecar, error_record
 from spoold.errors import Interrupted, PermanentError, StepError
@@ -53,7 +56,8 @@ class ItemRunner:
                            self._hand_over, layout.free_bytes)  # fmt: skip
 
     def run_and_report(self) -> None:
-        outcome = self.run()
+        with about(self.queue.name, self.sidecar.name):
+            outcome = self.run()
         self.post(ItemFinished(self.queue.name, self.sidecar.name, outcome))
 
     def run(self) -> Outcome:
@@ -98,23 +102,50 @@ class ItemRunner:
         return True
 
     def _run_step(self, step: Step) -> Outcome | None:
-        self.sidecar.start_step(step.index)
-        self._report_state("running")
-        ctx = ItemContext(self.env, step.index, self.arriving)
-        try:
-            result = step.handler.run(ctx)
-        except Interrupted:
-            return self._interrupted(step.index)
-        except StepError as exc:
-            return self._await_arrival(step.index) or self._failed_attempt(step.index, exc)
-        except Exception as exc:  # noqa: BLE001 - a handler bug is contained, logged and retried
-            log.error("step %s of %s/%s crashed: %s", step.name, self.queue.name, self.sidecar.name,
-                      redact("".join(traceback.format_exception(exc)).strip()))  # fmt: skip
-            return self._await_arrival(step.index) or self._failed_attempt(step.index, exc)
-        if outcome := self._await_arrival(step.index):
-            return outcome
-        self._apply(ctx, step.index, result)
-        return None
+        with about(self.queue.name, self.sidecar.name, step.name):
+            self.sidecar.start_step(step.index)
+            self._report_state("running")
+            ctx = ItemContext(self.env, step.index, self.arriving)
+            started, bytes_before = time.monotonic(), self._bytes_done(step)
+            try:
+                result = step.handler.run(ctx)
+            except Interrupted:
+                return self._interrupted(step.index)
+            except Exception as exc:  # noqa: BLE001 - a handler bug is contained, logged and retried
+                # Measured before anything else: waiting for a still-arriving bundle is not the step's time.
+                seconds, moved = time.monotonic() - started, self._moved(step, bytes_before)
+                if not isinstance(exc, StepError):
+                    log.error("step %s of %s/%s crashed: %s", step.name, self.queue.name, self.sidecar.name,
+                              redact("".join(traceback.format_exception(exc)).strip()))  # fmt: skip
+                outcome = self._await_arrival(step.index) or self._failed_attempt(step.index, exc)
+                self._attempt_ended(step, outcome.verdict, seconds, moved)
+                return outcome
+            # Read before the sidecar records the step done, which drops its progress.
+            self._attempt_ended(step, "done", time.monotonic() - started, self._moved(step, bytes_before))
+            if stopped := self._await_arrival(step.index):
+                return stopped
+            self._apply(ctx, step.index, result)
+            return None
+
+    def _bytes_done(self, step: Step) -> int | None:
+        """The bytes a transfer step's progress shows now; None for a step that moves no bytes."""
+        if step.handler.name not in TRANSFER_HANDLERS:
+            return None
+        progress = self.sidecar.step_entry(step.index).get("progress")
+        if not isinstance(progress, dict) or progress.get("unit", "bytes") != "bytes":
+            return 0
+        done = progress.get("bytes_done")
+        return done if isinstance(done, int) and not isinstance(done, bool) and done > 0 else 0
+
+    def _moved(self, step: Step, before: int | None) -> int | None:
+        after = self._bytes_done(step)
+        return None if after is None or before is None else max(0, after - before)
+
+    def _attempt_ended(self, step: Step, verdict: Verdict, seconds: float, moved: int | None) -> None:
+        if verdict == "interrupted":
+            return  # stopped by a shutdown, not ended: the next start resumes the same attempt
+        result = "ok" if verdict == "done" else verdict
+        self.post(StepEnded(self.queue.name, step.name, result, seconds, moved))
 
     def _await_arrival(self, index: int) -> Outcome | None:
         """Wait for a still-arriving bundle's ready marker and settle it; an Outcome when the item stops here.

@@ -15,13 +15,13 @@ import queue as queue_module
 import signal
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from spoold.daemon.arriving import ArrivingItem
 from spoold.daemon.config import Config, Queue, load_config
-from spoold.daemon.health import NodeStatus, write_health
+from spoold.daemon.health import NodeStatus, live_counts, write_health
 from spoold.daemon.layout import SpoolLayout
+from spoold.daemon.logs import about
 from spoold.daemon.messages import (
     EventsLost,
     ItemAdopted,
@@ -30,12 +30,15 @@ from spoold.daemon.messages import (
     PathEvent,
     SignalReceived,
     StateChanged,
+    StepEnded,
 )
+from spoold.daemon.metrics import Metrics
 from spoold.daemon.queues import QueueBook
 from spoold.daemon.retention import prune
 from spoold.daemon.runner import ItemRunner
 from spoold.daemon.sidecar import Sidecar
 from spoold.daemon.systemd import Notifier
+from spoold.daemon.walls import about_message, describe, guarded, log_failure
 from spoold.daemon.watcher import InboxWatcher
 from spoold.errors import ConfigError
 from spoold.fsio import now_iso
@@ -62,6 +65,7 @@ class Server:
         self.watcher = InboxWatcher(lambda path, is_landed: self.messages.put(PathEvent(path, is_landed)),
                                     lambda: self.messages.put(EventsLost()))  # fmt: skip
         self.books: dict[str, QueueBook] = {}
+        self.metrics = Metrics()
         # Queues removed from the config whose items still run; they finish or checkpoint, then go.
         self.retiring: dict[str, QueueBook] = {}
         self.started = now_iso()
@@ -83,13 +87,13 @@ class Server:
 
     def start_up(self) -> None:
         self.layout.ensure()
-        self._guarded("tightening claimed items' folders", self.layout.tighten_items)
-        self._guarded("removing stale temp files", self.layout.remove_stale_temps)
+        guarded("tightening claimed items' folders", self.layout.tighten_items)
+        guarded("removing stale temp files", self.layout.remove_stale_temps)
         self._check_disk()
         for name, queue in self.config.queues.items():
             self._watch(self._add_book(name, queue))
         for book in self.books.values():
-            self._guarded(f"recovering queue {book.name}", book.recover)
+            guarded(f"recovering queue {book.name}", book.recover)
         self.watcher.start()
         now = time.monotonic()
         for book in self.books.values():
@@ -104,6 +108,8 @@ class Server:
 
     def _add_book(self, name: str, queue: Queue) -> QueueBook:
         book = QueueBook(self.config, queue, self.layout.queues[name])
+        book.on_ended = self.metrics.item_ended
+        self.metrics.declare(queue)
         self.books[name] = book
         return book
 
@@ -138,9 +144,10 @@ class Server:
     def _handle(self, message: Message) -> bool:
         """Act on one message behind the wall; True when the daemon must stop at once."""
         try:
-            return self._act(message)
+            with about_message(message):
+                return self._act(message)
         except Exception as exc:  # noqa: BLE001 - the wall: one message's trouble never ends the daemon
-            self._log_failure(f"handling {_describe(message)}", exc)
+            log_failure(f"handling {describe(message)}", exc)
             return False
 
     def _act(self, message: Message) -> bool:
@@ -157,6 +164,8 @@ class Server:
                 holder = self._book(queue)
                 if holder is not None and item in holder.running:
                     holder.set_state(item, state)
+            case StepEnded():
+                self.metrics.step_ended(message)
             case ItemFinished(queue, item, outcome):
                 holder = self._book(queue)
                 if holder is not None:
@@ -176,7 +185,7 @@ class Server:
         if signum == signal.SIGUSR1:
             # `spoold retry` moved items back into work/.
             for book in self.books.values():
-                self._guarded(f"picking up items of queue {book.name}", book.pick_up)
+                guarded(f"picking up items of queue {book.name}", book.pick_up)
             return False
         self._term_count += 1
         if self._term_count > 1:
@@ -200,23 +209,25 @@ class Server:
     def _tick(self, now: float) -> None:
         if now >= self._next["disk"]:
             self._next["disk"] = now + DISK_CHECK_INTERVAL_SECONDS
-            self._guarded("checking free space", self._check_disk)
+            guarded("checking free space", self._check_disk)
         if now >= self._next["rescan"]:
             self._next["rescan"] = now + self.config.rescan_seconds
-            self._guarded("checking the spool's folders", self.layout.ensure)
+            guarded("checking the spool's folders", self.layout.ensure)
             for book in self.books.values():
-                self._guarded(f"rescanning queue {book.name}", functools.partial(book.rescan, now))
-                self._guarded(f"pruning queue {book.name}", functools.partial(prune, book.queue, book.folders,
-                                                                              book.forget))  # fmt: skip
+                with about(book.name):
+                    guarded(f"rescanning queue {book.name}", functools.partial(book.rescan, now))
+                    guarded(f"pruning queue {book.name}", functools.partial(prune, book.queue, book.folders,
+                                                                            book.forget))  # fmt: skip
         if not self.is_stopping:
             for book in self.books.values():
-                self._guarded(f"scheduling queue {book.name}", functools.partial(self._schedule, book, now))
+                with about(book.name):
+                    guarded(f"scheduling queue {book.name}", functools.partial(self._schedule, book, now))
         if now >= self._next["watchdog"]:
             self.notifier.watchdog()
             self._next["watchdog"] = now + (self.notifier.watchdog_interval_seconds or WATCHDOG_FALLBACK_SECONDS)
         if now >= self._next["health"]:
             self._next["health"] = now + HEALTH_INTERVAL_SECONDS
-            self._guarded("writing health.json", self._write_health)
+            guarded("writing health.json", self._write_health)
         else:
             self.notifier.status(self.node_status().status_line())
 
@@ -232,20 +243,6 @@ class Server:
         thread = threading.Thread(target=runner.run_and_report, name=f"{book.name}/{sidecar.name}")
         thread.start()
         return thread
-
-    def _guarded(self, what: str, action: Callable[[], object]) -> None:
-        try:
-            action()
-        except Exception as exc:  # noqa: BLE001 - the wall around one timer's work
-            self._log_failure(what, exc)
-
-    @staticmethod
-    def _log_failure(what: str, exc: Exception) -> None:
-        if isinstance(exc, OSError):
-            # The environment (a folder gone, a full disk): one line says it; a traceback would not help.
-            log.error("%s failed: %s", what, exc)
-        else:
-            log.exception("internal error while %s; carrying on", what)
 
     # ---- books -------------------------------------------------------------------------------------------------
 
@@ -277,14 +274,14 @@ class Server:
     def node_status(self) -> NodeStatus:
         errors = [b.last_error for b in self.books.values() if b.last_error]
         last_error = max(errors, key=lambda e: str(e.get("at", "")), default=None)
-        return NodeStatus(self.started, {n: b.counts() for n, b in self.books.items()}, self.free_bytes,
+        return NodeStatus(self.started, {n: live_counts(b) for n, b in self.books.items()}, self.free_bytes,
                           self.config.min_free_bytes, self.is_intake_paused, self.is_ready, last_error,
                           self.config.spool)  # fmt: skip
 
     def _write_health(self) -> None:
         status = self.node_status()
         try:
-            write_health(status, self.layout.health_path, self.layout.metrics_path)
+            write_health(status, self.layout.health_path, self.layout.metrics_path, self.metrics)
         except OSError as exc:
             log.error("cannot write health.json: %s", exc)
         self.notifier.status(status.status_line())
@@ -306,25 +303,26 @@ class Server:
         for name, book in [*self.books.items(), *self.retiring.items()]:
             if name in new.queues:
                 self.layout.queues[name] = book.folders  # one folder object per queue: its claim lock
-        self._guarded("creating the spool's folders", self.layout.ensure)
+        guarded("creating the spool's folders", self.layout.ensure)
         now = time.monotonic()
         for name, queue in new.queues.items():
+            self.metrics.declare(queue)
             if name in self.books:
                 self.books[name].reconfigure(new, queue)
             elif name in self.retiring:
                 book = self.books[name] = self.retiring.pop(name)
-                self._guarded(f"watching queue {name}", functools.partial(self._watch, book))
-                self._guarded(f"reopening queue {name}", functools.partial(book.reconfigure, new, queue))
+                guarded(f"watching queue {name}", functools.partial(self._watch, book))
+                guarded(f"reopening queue {name}", functools.partial(book.reconfigure, new, queue))
             else:
                 book = self._add_book(name, queue)
-                self._guarded(f"watching queue {name}", functools.partial(self._watch, book))
-                self._guarded(f"recovering queue {name}", book.recover)
-                self._guarded(f"scanning queue {name}", functools.partial(book.intake.scan, now))
+                guarded(f"watching queue {name}", functools.partial(self._watch, book))
+                guarded(f"recovering queue {name}", book.recover)
+                guarded(f"scanning queue {name}", functools.partial(book.intake.scan, now))
         for name in [n for n in self.books if n not in new.queues]:
             log.warning("queue %s was removed from the config; its items stay on disk", name)
             book = self.books.pop(name)
             book.close()
-            self._guarded(f"unwatching queue {name}", functools.partial(self.watcher.unwatch, book.folders.inbox))
+            guarded(f"unwatching queue {name}", functools.partial(self.watcher.unwatch, book.folders.inbox))
             if book.running:
                 self.retiring[name] = book
         log.info("config reloaded from %s", new.source)
@@ -342,15 +340,6 @@ class Server:
                     thread.join()
         self.transports.close()
         self.is_ready = False
-        self._guarded("writing health.json", self._write_health)
+        guarded("writing health.json", self._write_health)
         self.notifier.close()
         log.info("spoold stopped")
-
-
-def _describe(message: Message) -> str:
-    match message:
-        case StateChanged(queue, item, _) | ItemFinished(queue, item, _) | ItemAdopted(queue, item):
-            return f"{type(message).__name__} of {queue}/{item}"
-        case PathEvent(path, _):
-            return f"an event at {path}"
-    return type(message).__name__

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spoold import __version__
+from spoold.daemon.attempts import record_attempt
 from spoold.fsio import encode_json, now_iso, parse_iso, read_json, write_bytes_atomic
 
 __all__ = ["ACTIVE_STATES", "FINISHED_STEP_STATES", "SCHEMA", "STATES", "Sidecar", "error_record", "now_iso",
@@ -216,9 +217,13 @@ class Sidecar:
     def start_step(self, index: int) -> dict[str, Any]:
         entry = self.step_entry(index)
         entry.setdefault("attempt", 1)
+        if entry.get("state") == "running" and entry.get("started"):
+            # Left running by a crash (kill -9, power loss): that attempt ended without a word.
+            record_attempt(entry, "interrupted", is_crash=True)
         entry.update(state="running", started=now_iso())
-        entry.pop("finished", None)
-        entry.pop("error", None)
+        # What the last attempt reported is not this one's: a fresh attempt starts without progress.
+        for stale in ("finished", "error", "progress", "waiting", "bytes", "duration_s"):
+            entry.pop(stale, None)
         self.doc.update(state="running", step=entry["name"], attempts=entry["attempt"], next_attempt_at=None,
                         error=None)  # fmt: skip
         self.write()
@@ -234,6 +239,8 @@ class Sidecar:
         self.doc["fields"].update(fields)
         entry = self.step_entry(index)
         entry.update(state="done", finished=now_iso(), result=result)
+        record = record_attempt(entry, "done")
+        entry.update({k: record[k] for k in ("bytes", "duration_s") if k in record})
         for transient in ("progress", "waiting", "checkpoint"):
             entry.pop(transient, None)
         self.write()
@@ -247,20 +254,30 @@ class Sidecar:
     def interrupted(self, index: int | None) -> None:
         """Stopped mid-step: the checkpoint stays and the next start resumes from it."""
         if index is not None:
-            self.step_entry(index)["state"] = "interrupted"
+            entry = self.step_entry(index)
+            if entry.get("state") == "running":
+                record_attempt(entry, "interrupted")
+            entry["state"] = "interrupted"
         self.doc["state"] = "queued"
         self.write()
 
     def retrying(self, index: int | None, error: dict[str, Any], next_attempt: int, at: float) -> None:
         self.doc.update(state="retrying", error=error, next_attempt_at=now_iso(at), attempts=next_attempt - 1)
         if index is not None:
-            self.step_entry(index).update(state="retrying", attempt=next_attempt, error=error, finished=now_iso())
+            entry = self.step_entry(index)
+            entry.update(finished=now_iso(), error=error)
+            record_attempt(entry, "retrying")
+            entry.update(state="retrying", attempt=next_attempt)
         self.write()
 
     def failed(self, index: int | None, error: dict[str, Any]) -> None:
         self.doc.update(state="failed", error=error, next_attempt_at=None)
         if index is not None:
-            self.step_entry(index).update(state="failed", error=error, finished=now_iso())
+            entry = self.step_entry(index)
+            was_running = entry.get("state") in ("running", "waiting")
+            entry.update(state="failed", error=error, finished=now_iso())
+            if was_running:
+                record_attempt(entry, "failed")
         self.write()
 
     def rejected(self, reason: str) -> None:

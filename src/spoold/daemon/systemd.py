@@ -36,21 +36,24 @@ class Notifier:
     def is_enabled(self) -> bool:
         return self._socket is not None
 
-    def send(self, *assignments: str) -> None:
+    def send(self, *assignments: str) -> bool:
+        """True when the datagram went out (systemd may still ignore it)."""
         if self._socket is None:
-            return
+            return False
         try:
             self._socket.sendto("\n".join(assignments).encode(), self._address)
         except OSError as exc:
             log.debug("sd_notify failed: %s", exc)
+            return False
+        return True
 
     def ready(self) -> None:
         self.send("READY=1", f"MAINPID={os.getpid()}")
 
     def status(self, text: str) -> None:
-        if text != self._last_status:
+        # Remembered only once sent: a summary lost to a busy socket goes out again on the next tick.
+        if text != self._last_status and self.send(f"STATUS={text}"):
             self._last_status = text
-            self.send(f"STATUS={text}")
 
     def watchdog(self) -> None:
         if self.watchdog_interval_seconds is not None:

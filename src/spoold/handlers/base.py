@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from spoold.cache import Cache
+from spoold.ratelimit import Limiter
 
 ItemKind = Literal["file", "bundle", "request"]
 
@@ -104,8 +105,8 @@ class StepContext(Protocol):
     def render(self, template: str) -> str:
         """Fill `{field}` placeholders from `template_values()`; refuses values that escape a path."""
 
-    def progress(self, done: int, total: int, **extra: Any) -> None:
-        """Report progress; written to the sidecar at most once a second."""
+    def progress(self, done: int, total: int | None, **extra: Any) -> None:
+        """Report progress (`total` None when nobody knows it); written to the sidecar at most once a second."""
 
     def waiting(self, message: str, next_check_in_seconds: float) -> None:
         """Say the step is polling something remote; the sidecar shows `waiting`."""
@@ -115,6 +116,9 @@ class StepContext(Protocol):
 
     def check_stop(self) -> None:
         """Raise `Interrupted` if the daemon is stopping."""
+
+    def limiter(self, rate_bps: int | None) -> Limiter:
+        """The pace of this step's transfers: its own `rate:` (None for none) and the spool's; stops on stop."""
 
     def transport(self, url: str, settings: Mapping[str, Any]) -> Any:
         """A connected transport for `url` (shared per destination), see `spoold.transports`."""

@@ -13,7 +13,8 @@ otherwise), `timeout` (read timeout), `connect_timeout`, `retries` (drops
 survived in a row without progress before the step gives up for the queue's
 retry policy), `min_free` (free bytes to keep beyond the announced size, at
 least the config's `min_free`; below it the step waits instead of filling the disk),
-`allow_redirects_to` (host names a redirect may lead to besides the URL's own host);
+`allow_redirects_to` (host names a redirect may lead to besides the URL's own host),
+`rate` (a cap on the request's bandwidth, such as `2MiB/s`, beside the spool-wide `rate:`);
 for `s3://bucket/key` URLs `endpoint_url`, `region`, `credential`, `part_size`,
 `concurrency` (as for `ship`; such a file comes through the S3 transport).
 
@@ -27,6 +28,10 @@ Downloads resume with HTTP Range after a drop (exponential backoff); a server
 that ignores Range restarts the file from zero. Per-file state is kept in the
 checkpoint, so a restart resumes. A 404 is permanent for that file only: the
 other files finish, then the step fails permanently naming the missing ones.
+The progress counts the whole request (`fetch_progress`): its bytes, `files_done`
+of `files_total`, and the `file` being fetched; a size the request leaves out is
+taken from the server's Content-Length or Content-Range, and while any is unknown
+`bytes_total` is null.
 Side effects: `.<name>.part` files in the request's folder while downloading;
 each finished file moves to the new item (hard link, then unlinked here).
 """
@@ -39,26 +44,24 @@ import http.client
 import os
 import re
 import threading
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from spoold.digest import CHUNK_BYTES, hash_file
-from spoold.errors import ChecksumMismatch, PermanentError, RemoteMissing, TransientError
+from spoold.digest import hash_file
+from spoold.errors import ChecksumMismatch, PermanentError, RemoteMissing
 from spoold.handlers.base import Handler, StepContext, StepResult
+from spoold.handlers.fetch_http import FileSpec, HttpDownload, open_url
+from spoold.handlers.fetch_progress import RequestProgress
 from spoold.handlers.s3_source import S3SourceOptions, download_object, is_s3_url, object_name
-from spoold.http_status import follow_redirect
-from spoold.options import Bytes, Seconds
+from spoold.options import Bytes, Rate, Seconds
+from spoold.ratelimit import Limiter
 from spoold.transports.base import check_component, redact_url
 from spoold.transports.local import part_name
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_REDIRECTS = 5
-_BACKOFF_MAX_SECONDS = 30.0
 # A keep-alive reply is thrown away; a server that streams one forever must not hold the thread or memory.
 _KEEPALIVE_BODY_BYTES = 64 << 10
-_SPACE_CHECK_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,7 @@ class FetchOptions(S3SourceOptions):
     retries: int = 6
     min_free: Bytes = Bytes(0)
     allow_redirects_to: list[str] = dataclasses.field(default_factory=list)
+    rate: Rate | None = None
 
     def __post_init__(self) -> None:
         for host in self.allow_redirects_to:
@@ -85,22 +89,6 @@ class FetchOptions(S3SourceOptions):
 
     def redirect_hosts(self) -> frozenset[str]:
         return frozenset(h.strip("[]").lower() for h in self.allow_redirects_to)
-
-
-@dataclasses.dataclass(frozen=True)
-class FileSpec:
-    url: str
-    name: str
-    size: int | None
-    sha256: str | None
-
-
-class FileMissing(RemoteMissing):
-    """Raised when the server says a listed file does not exist (404/410)."""
-
-
-class OutOfSpace(TransientError):
-    """Raised when a download stops because free space fell below `min_free`."""
 
 
 class Fetch(Handler[FetchOptions]):
@@ -121,14 +109,15 @@ class Fetch(Handler[FetchOptions]):
         if not isinstance(fields, dict):
             raise PermanentError("the request's 'fields' must be an object")
         states: dict[str, dict[str, Any]] = ctx.checkpoint.data.setdefault("files", {})
-        total = sum(f.size or 0 for f in files)
+        progress = RequestProgress(ctx, files, states)
+        limiter = ctx.limiter(self.options.rate)  # one cap for the whole request, file after file
         keepalive = (_KeepAlive(self.options.keepalive, ctx, self.options.allow_redirects_to)
                      if self.options.keepalive else None)  # fmt: skip
         try:
             for spec in files:
                 state = states.setdefault(spec.name, {"state": "pending", "bytes": 0})
                 if state["state"] != "handed_over":
-                    self._one_file(ctx, spec, state, fields, files, total)
+                    self._one_file(ctx, spec, state, fields, progress, limiter)
         finally:
             if keepalive:
                 keepalive.stop()
@@ -147,16 +136,10 @@ class Fetch(Handler[FetchOptions]):
         return StepResult(result=result)
 
     def _one_file(self, ctx: StepContext, spec: FileSpec, state: dict[str, Any], fields: dict[str, Any],
-                  files: list[FileSpec], total: int) -> None:  # fmt: skip
+                  progress: RequestProgress, limiter: Limiter) -> None:  # fmt: skip
         final = ctx.item_dir / spec.name
         part = ctx.item_dir / part_name(spec.name, ".part")
-        states = ctx.checkpoint.data["files"]
-
-        def report(done: int) -> None:
-            state["bytes"] = done
-            finished = sum(1 for s in states.values() if s["state"] == "handed_over")
-            so_far = sum(s.get("bytes", 0) for s in states.values())
-            ctx.progress(so_far, max(total, so_far), files_done=finished, files_total=len(files))
+        report = progress.reporter(spec, state)
 
         # A "downloaded" file whose link is gone was handed over just before a crash: hand_over finds that item.
         if state["state"] != "downloaded":
@@ -164,12 +147,13 @@ class Fetch(Handler[FetchOptions]):
             ctx.checkpoint.save()
             try:
                 self._wait_for_space(ctx, spec, part)
+                report(part.stat().st_size if part.exists() else 0, None)  # the sidecar names this file now
                 if is_s3_url(spec.url):
                     settings = {**self.options.s3_settings(), "credential": self.options.credential,
                                 "connect_timeout": self.options.connect_timeout}  # fmt: skip
-                    download_object(ctx, spec.url, settings, part, state, report)
+                    download_object(ctx, spec.url, settings, part, state, report, limiter)
                 else:
-                    _Download(self.options, ctx, spec, part, report).run()
+                    HttpDownload(self.options, ctx, spec, part, report, limiter).run()
             except RemoteMissing as exc:
                 state.update(state="missing", error=str(exc))
                 ctx.checkpoint.save()
@@ -192,7 +176,7 @@ class Fetch(Handler[FetchOptions]):
             final.unlink()
         state["state"] = "handed_over"
         ctx.checkpoint.save()
-        report(state["bytes"])
+        progress.handed_over(spec)
         ctx.log.info("fetched %s into %s/%s", spec.name, self.options.into, state["item"])
 
     def _wait_for_space(self, ctx: StepContext, spec: FileSpec, part: Path) -> None:
@@ -247,123 +231,6 @@ def _verify(path: Path, spec: FileSpec) -> str | None:
     return None
 
 
-def _open(url: str, options: FetchOptions, headers: dict[str, str]) -> tuple[http.client.HTTPConnection, Any]:
-    """GET `url` with separate connect and read timeouts, following a few redirects that `follow_redirect` allows."""
-    origin = url
-    for _ in range(_REDIRECTS + 1):
-        parts = urllib.parse.urlsplit(url)
-        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = cls(parts.hostname or "", parts.port, timeout=float(options.connect_timeout))
-        try:
-            conn.connect()
-            if conn.sock is not None:
-                conn.sock.settimeout(float(options.timeout))
-            conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), headers=headers)
-            response = conn.getresponse()
-        except BaseException:
-            conn.close()
-            raise
-        if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
-            conn.close()
-            url = follow_redirect(origin, url, response.getheader("Location") or "", options.redirect_hosts(),
-                                  "allow_redirects_to")
-            continue
-        return conn, response
-    raise PermanentError(f"too many redirects for {redact_url(url)}")
-
-
-class _Download:
-    """One file into `part`, resuming with Range and backing off after drops."""
-
-    def __init__(self, options: FetchOptions, ctx: StepContext, spec: FileSpec, part: Path, report: Any) -> None:
-        self.options, self.ctx, self.spec, self.part, self.report = options, ctx, spec, part, report
-
-    def run(self) -> None:
-        failures = 0
-        while True:
-            self.ctx.check_stop()
-            before = self.part.stat().st_size if self.part.exists() else 0
-            try:
-                if self._attempt(before):
-                    return
-                problem = "the connection closed early"
-            except OutOfSpace:
-                raise
-            except (OSError, http.client.HTTPException, TransientError) as exc:
-                problem = str(exc) or type(exc).__name__
-            after = self.part.stat().st_size if self.part.exists() else 0
-            failures = 0 if after > before else failures + 1
-            if failures > self.options.retries:
-                raise TransientError(f"{self.spec.name}: giving up for now after {failures} drops: {problem}")
-            delay = min(_BACKOFF_MAX_SECONDS, 0.5 * 2 ** max(failures - 1, 0))
-            self.ctx.log.info("%s: %s at %d bytes; resuming in %.1fs", self.spec.name, problem, after, delay)
-            self.ctx.sleep(delay)
-
-    def _attempt(self, offset: int) -> bool:
-        """Download from `offset`; True when the file is complete."""
-        if self.spec.size is not None and offset == self.spec.size:
-            return True
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        conn, response = _open(self.spec.url, self.options, headers)
-        try:
-            status = response.status
-            where = f"{self.spec.name} ({redact_url(self.spec.url)})"
-            if status in (404, 410):
-                raise FileMissing(f"{where}: HTTP {status}, not on the server")
-            if status == 416 and offset:
-                self.part.unlink()  # the saved part is longer than the file now is: start over
-                raise TransientError(f"{where}: range not satisfiable at {offset}; restarting")
-            if status >= 500 or status in (408, 429):
-                raise TransientError(f"{where}: HTTP {status}")
-            if status not in (200, 206):
-                raise PermanentError(f"{where}: HTTP {status} {response.reason}")
-            if status == 206 and not (response.getheader("Content-Range") or "").startswith(f"bytes {offset}-"):
-                raise TransientError(f"{where}: the server answered another range than bytes {offset}-")
-            if status == 200:
-                offset = 0  # no Range (or ignored): the body is the whole file, from its first byte
-            length = response.getheader("Content-Length")
-            expected = offset + int(length) if length and length.isdigit() else None
-            self._receive(response, offset)
-            done = self.part.stat().st_size
-            if self.spec.size is not None and done > self.spec.size:
-                return True  # more than the request says: verification names it, no point in resuming
-            return expected is None or done >= expected
-        finally:
-            conn.close()
-
-    def _receive(self, response: Any, offset: int) -> None:
-        last_report = 0.0
-        # The server's Content-Length is not trusted: one byte past the request's size is enough to know.
-        cap = None if self.spec.size is None else self.spec.size + 1
-        with open(self.part, "r+b" if offset else "wb") as stream:
-            stream.seek(offset)
-            stream.truncate()
-            done, checked = offset, offset
-            while (want := CHUNK_BYTES if cap is None else min(CHUNK_BYTES, cap - done)) > 0 and (
-                chunk := response.read1(want)  # read1: what has arrived, so progress moves
-            ):
-                stream.write(chunk)
-                done += len(chunk)
-                if time.monotonic() - last_report >= 0.5:
-                    stream.flush()
-                    self.report(done)
-                    last_report = time.monotonic()
-                if done - checked >= _SPACE_CHECK_BYTES:
-                    checked = done
-                    self._check_space(done)
-                self.ctx.check_stop()
-            stream.flush()
-            os.fsync(stream.fileno())
-        self.report(done)
-
-    def _check_space(self, done: int) -> None:
-        """A body with no announced size (or a lying one) must not fill the disk past `min_free`."""
-        floor = max(int(self.options.min_free), self.ctx.min_free_bytes)
-        if floor and (free := self.ctx.free_bytes()) < floor:
-            raise OutOfSpace(f"{self.spec.name}: free space fell to {free} bytes (below min_free) after "
-                             f"{done} bytes; the download goes on later")  # fmt: skip
-
-
 class _KeepAlive:
     """A GET to `url` every `interval` on a helper thread, so the camera does not sleep mid-download."""
 
@@ -379,7 +246,7 @@ class _KeepAlive:
                                allow_redirects_to=self.allowed)  # fmt: skip
         while not self._stop.is_set():
             try:
-                conn, response = _open(self.options.url, timeout, {})
+                conn, response = open_url(self.options.url, timeout, {})
                 try:
                     response.read(_KEEPALIVE_BODY_BYTES)
                 finally:

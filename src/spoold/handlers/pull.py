@@ -4,9 +4,10 @@ Options: `from` (URL template of a remote file or folder), `to` (a `file://`
 URL template: ending in `/` it is a folder where what is pulled keeps its
 name; otherwise the exact path that receives the file, or the folder's
 contents, as in `file:///models/{repo_id}`; or `queue:NAME` to make it a new
-item of that queue with this item's fields), `limits` (`{depth: 32, files: 100000}`:
-how many levels below the root and how many files and folders a pulled tree
-may hold; the defaults are those of a queue's `limits`), and the connection
+item of that queue with this item's fields), `rate` (a cap on this step's
+bandwidth, such as `2MiB/s`, beside the config's spool-wide `rate:`), `limits`
+(`{depth: 32, files: 100000}`: how many levels below the root and how many
+files and folders a pulled tree may hold; the defaults are those of a queue's `limits`), and the connection
 options `identity`, `password_file`, `credential`, `known_hosts`, `host_key`,
 `connect_timeout`; for s3:// also `endpoint_url`, `region`, `part_size` and
 `concurrency` (as for `ship`: objects of `part_size` or more go by that many
@@ -43,6 +44,7 @@ from typing import Any
 from spoold.errors import PermanentError
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.handlers.s3_source import S3SourceOptions, is_s3_url
+from spoold.options import Rate
 from spoold.templates import render_url
 from spoold.transports.base import (
     ConnectionOptions,
@@ -62,6 +64,7 @@ class PullOptions(ConnectionOptions, S3SourceOptions):
     to: str
     limits: TreeLimits = TreeLimits()
     cache: bool = False
+    rate: Rate | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,6 +114,7 @@ class Pull(Handler[PullOptions]):
                 checkpoint=ctx.checkpoint.data.setdefault("transfer", {}),
                 save_checkpoint=ctx.checkpoint.save,
                 check_stop=ctx.check_stop,
+                limiter=ctx.limiter(self.options.rate),
             )
             landed = transport.get_tree(url.path, folder, transfer, name=name, limits=self.options.limits, **extra)
             if not landed:

@@ -17,6 +17,7 @@ from typing import Any
 from spoold.errors import PermanentError, RemoteMissing
 from spoold.handlers.base import StepContext
 from spoold.options import Bytes
+from spoold.ratelimit import Limiter
 from spoold.transports.base import TransferContext, parse_url, redact_url
 
 S3_SCHEME = "s3"
@@ -55,9 +56,12 @@ def object_name(url: str) -> str:
 
 def download_object(
     ctx: StepContext, url: str, settings: dict[str, Any], part: Path, state: dict[str, Any],
-    report: Callable[[int], None],
+    report: Callable[[int, int | None], None], limiter: Limiter,
 ) -> None:  # fmt: skip
-    """The object at `url` into the file `part`, resuming from `state["s3"]` (a fetch request's per-file state)."""
+    """The object at `url` into the file `part`, resuming from `state["s3"]` (a fetch request's per-file state).
+
+    `report(done, size)` hears the bytes so far and the object's size; `limiter` paces the download.
+    """
     parsed = parse_url(url)
     shown = redact_url(url)
     if parsed.is_folder:
@@ -68,9 +72,10 @@ def download_object(
         raise RemoteMissing(f"{shown}: no such object")
     if found.is_dir:
         raise PermanentError(f"{shown} is a prefix, not an object; a fetch request lists objects")
+    report(0, found.size)
     transfer = TransferContext(
-        progress=lambda done, _total: report(done), checkpoint=state.setdefault("s3", {}),
-        save_checkpoint=ctx.checkpoint.save, check_stop=ctx.check_stop,
+        progress=report, checkpoint=state.setdefault("s3", {}),
+        save_checkpoint=ctx.checkpoint.save, check_stop=ctx.check_stop, limiter=limiter,
     )  # fmt: skip
     transport.get_tree(parsed.path, part.parent, transfer, name=part.name)
     state.pop("s3", None)

@@ -4,7 +4,8 @@ Options: `to` (URL template; ending in `/` means a folder where the item keeps
 its name), `identity`, `password_file`, `known_hosts`, `host_key`,
 `connect_timeout` (SFTP), `endpoint_url`, `region`, `credential`, `part_size`,
 `concurrency` (S3), `verify` (default true), `delete_source` (remove the local
-payload once every copy is verified), `ready_marker` (write `<name>.ready`
+payload once every copy is verified), `rate` (a cap on this step's bandwidth, such
+as `2MiB/s`; the config's top-level `rate:` caps all transfers together), `ready_marker` (write `<name>.ready`
 holding the item's fields as JSON after everything else; default on for folder
 payloads and for another spool's inbox, off otherwise).
 
@@ -37,7 +38,7 @@ from typing import Any
 from spoold.errors import PermanentError
 from spoold.fsio import encode_json
 from spoold.handlers.base import Handler, StepContext, StepResult
-from spoold.options import Bytes
+from spoold.options import Bytes, Rate
 from spoold.templates import render_url
 from spoold.transports import TRANSPORTS
 from spoold.transports.base import ConnectionOptions, Delivered, TransferContext, join_name, parse_url, redact_url
@@ -46,7 +47,7 @@ STAGING_DIR = ".ship"
 READY_SUFFIX = ".ready"
 # A folder destination named so is taken for another spool's inbox (`<spool>/<queue>/inbox/`).
 INBOX = "inbox"
-_NOT_TRANSPORT_SETTINGS = ("to", "verify", "delete_source", "ready_marker")
+_NOT_TRANSPORT_SETTINGS = ("to", "verify", "delete_source", "ready_marker", "rate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ShipOptions(ConnectionOptions):
     verify: bool = True
     delete_source: bool = False
     ready_marker: bool | None = None
+    rate: Rate | None = None
 
     def __post_init__(self) -> None:
         scheme = self.to.split("://", 1)[0].lower() if "://" in self.to else ""
@@ -105,6 +107,7 @@ class Ship(Handler[ShipOptions]):
         finished: dict[str, dict[str, Any]] = ctx.checkpoint.data.setdefault("finished", {})
         done_bytes = sum(_size(t.source) for t in targets if t.remote in finished)
         delivered: list[Delivered] = []
+        limiter = ctx.limiter(self.options.rate)
         for target in targets:
             if target.remote in finished:
                 continue
@@ -114,6 +117,7 @@ class Ship(Handler[ShipOptions]):
                 checkpoint=ctx.checkpoint.data.setdefault("transfer", {}).setdefault(target.remote, {}),
                 save_checkpoint=ctx.checkpoint.save,
                 check_stop=ctx.check_stop,
+                limiter=limiter,
             )
             sha = target.sha256 if self.options.verify else None
             if target.source.is_dir():

@@ -19,6 +19,7 @@ from urllib.parse import quote, unquote, urlsplit
 from spoold.errors import PermanentError
 from spoold.options import Seconds
 from spoold.transports.documents import SharedDocuments
+from spoold.transports.transfer import TransferContext as TransferContext  # noqa: PLC0414 - re-exported
 
 # A file or folder name on Linux and over SFTP.
 MAX_NAME_BYTES = 255
@@ -266,16 +267,6 @@ class RemoteEntry:
     size: int
     mtime: float
     is_dir: bool
-
-
-@dataclasses.dataclass
-class TransferContext:
-    """What a transfer may use: progress, a durable checkpoint, and the stop flag."""
-
-    progress: Callable[[int, int], None]
-    checkpoint: dict[str, Any]
-    save_checkpoint: Callable[[], None]
-    check_stop: Callable[[], None]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,10 +23,10 @@ import shutil
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from spoold.digest import CHUNK_BYTES, MultiHasher, hash_file
-from spoold.errors import ChecksumMismatch, PermanentError, TransientError
+from spoold.digest import CHUNK_BYTES, hash_file
+from spoold.errors import ChecksumMismatch, Interrupted, PermanentError, TransientError
 from spoold.fsio import describe_type, fsync_dir
 from spoold.transports import local_documents
 from spoold.transports.base import (
@@ -144,7 +144,7 @@ class LocalTransport(Transport):
         tmp = final.with_name(part_name(final.name, PART_SUFFIX))
         with _mapped_errors(final):
             final.parent.mkdir(parents=True, exist_ok=True)
-            sent = _copy_hashing(source, tmp, ctx)
+            sent = _copy_hashing(source, tmp, ctx, is_resumable=True)
             expected = sha256 or sent
             _verify(tmp, expected, final)
             os.replace(tmp, final)
@@ -248,33 +248,84 @@ def _create(path: Path) -> BinaryIO:
     return os.fdopen(os.open(path, _CREATE_FLAGS, 0o666), "wb", buffering=0)
 
 
-def _copy_hashing(source: Path, target: Path, ctx: TransferContext) -> str:
-    """Copy `source` to `target` (fsynced), reading it once; return its sha256. Neither is read through a link."""
-    hasher = MultiHasher(["sha256"])
-    done = 0
+def _copy_hashing(source: Path, target: Path, ctx: TransferContext, is_resumable: bool = False) -> str:
+    """Copy `source` to `target` (fsynced), reading it once; return its sha256. Neither is read through a link.
+
+    When `is_resumable`, a stop records the offset in `ctx.checkpoint` and keeps `target`; the next call
+    continues it if its first `offset` bytes still hash like the source's (a capped copy of a big file is long).
+    """
+    hasher = hashlib.sha256()
     try:
         reader = os.fdopen(os.open(source, _READ_FLAGS), "rb", buffering=0)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise PermanentError(f"{source} is a symlink; it is never followed") from None
         raise
-    with reader, _create(target) as writer:
+    with reader:
         info = os.fstat(reader.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise PermanentError(f"{source} is {describe_mode(info.st_mode)}; only regular files are copied")
         size = info.st_size
-        buffer = bytearray(CHUNK_BYTES)
-        view = memoryview(buffer)
-        while n := reader.readinto(view):
-            chunk = view[:n]
-            hasher.update(chunk)
-            writer.write(chunk)
-            done += n
-            ctx.progress(done, size)
-        os.fsync(writer.fileno())
-        # Verification below must read the disk, not the pages just written.
-        os.posix_fadvise(writer.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    return hasher.hexdigests()["sha256"]
+        saved = ctx.checkpoint.get("offset") if is_resumable else None
+        done = 0
+        if isinstance(saved, int) and 0 < saved <= size:
+            if _kept_prefix(reader, target, saved, hasher):
+                done = saved
+            else:
+                hasher = hashlib.sha256()
+                reader.seek(0)
+        writer = _reopen(target, done) if done else _create(target)
+        with writer:
+            buffer = bytearray(ctx.chunk_bytes(CHUNK_BYTES))
+            view = memoryview(buffer)
+            try:
+                while n := reader.readinto(view):
+                    ctx.pace(n)  # the caps, and a stop noticed within one chunk
+                    chunk = view[:n]
+                    hasher.update(chunk)
+                    writer.write(chunk)
+                    done += n
+                    ctx.progress(done, size)
+            except Interrupted:
+                if is_resumable:
+                    os.fsync(writer.fileno())
+                    ctx.checkpoint["offset"] = done
+                    ctx.save_checkpoint()
+                raise
+            os.fsync(writer.fileno())
+            # Verification below must read the disk, not the pages just written.
+            os.posix_fadvise(writer.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return hasher.hexdigest()
+
+
+def _kept_prefix(reader: BinaryIO, target: Path, offset: int, hasher: Any) -> bool:
+    """Whether `target` (an earlier, stopped copy) starts with the first `offset` bytes of `reader`.
+
+    Reads both prefixes a chunk at a time; `reader`'s goes into `hasher` (useless when the answer is no).
+    """
+    kept = hashlib.sha256()
+    try:
+        with os.fdopen(os.open(target, _READ_FLAGS), "rb", buffering=0) as earlier:
+            if os.fstat(earlier.fileno()).st_size < offset:
+                return False
+            for stream, into in ((earlier, kept), (reader, hasher)):
+                left = offset
+                while left and (chunk := stream.read(min(CHUNK_BYTES, left))):
+                    into.update(chunk)
+                    left -= len(chunk)
+                if left:
+                    return False
+    except OSError:
+        return False
+    return bool(kept.digest() == hasher.copy().digest())
+
+
+def _reopen(path: Path, offset: int) -> BinaryIO:
+    """An earlier copy at `path` opened to go on writing at `offset` (never through a link)."""
+    writer = os.fdopen(os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "wb", buffering=0)
+    writer.seek(offset)
+    writer.truncate()
+    return writer
 
 
 def _verify(tmp: Path, expected: str, final: Path) -> None:

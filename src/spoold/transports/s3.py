@@ -49,6 +49,7 @@ from spoold.transports.s3_errors import b64sha256 as _b64sha
 from spoold.transports.s3_errors import error_code as _code
 from spoold.transports.s3_errors import http_status as _status
 from spoold.transports.s3_errors import mapped as _mapped
+from spoold.transports.s3_paced import UploadProgress, enable_pacing, stop_as_interrupted
 
 log = logging.getLogger("spoold.s3")
 
@@ -73,6 +74,7 @@ class S3Transport(Transport):
                 "s3", endpoint_url=settings.get("endpoint_url") or None, region_name=settings.get("region") or None,
                 config=config,
             )  # fmt: skip
+        enable_pacing(self.client)
 
     def close(self) -> None:
         self.client.close()
@@ -109,11 +111,8 @@ class S3Transport(Transport):
                 continue
             ctx.check_stop()
             base = done
-            sub = TransferContext(
-                progress=lambda n, _t, base=base: ctx.progress(base + n, total),  # type: ignore[misc]
-                checkpoint=ctx.checkpoint.setdefault("files", {}).setdefault(relative, {}),
-                save_checkpoint=ctx.save_checkpoint, check_stop=ctx.check_stop,
-            )  # fmt: skip
+            sub = ctx.sub(lambda n, _t, base=base: ctx.progress(base + n, total),  # type: ignore[misc]
+                          ctx.checkpoint.setdefault("files", {}).setdefault(relative, {}))  # fmt: skip
             self.put_file(path, f"{prefix}/{relative}", digests.get(relative), sub)
             finished.append(relative)
             ctx.checkpoint.get("files", {}).pop(relative, None)
@@ -135,8 +134,10 @@ class S3Transport(Transport):
     def _put_single(self, source: Path, key: str, size: int, sha256: str, ctx: TransferContext) -> None:
         data = source.read_bytes()  # below part_size, so bounded
         ctx.check_stop()
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ChecksumSHA256=_b64sha(data),
-                               Metadata={"sha256": sha256})  # fmt: skip
+        body = UploadProgress(0, size, ctx.progress, ctx.pace).body(1, data)
+        with stop_as_interrupted():
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ChecksumSHA256=_b64sha(data),
+                                   Metadata={"sha256": sha256})  # fmt: skip
 
     def _put_multipart(self, source: Path, key: str, size: int, sha256: str, ctx: TransferContext) -> None:
         cp = ctx.checkpoint
@@ -227,6 +228,7 @@ class S3Transport(Transport):
         missing = [n for n in range(1, count + 1) if str(n) not in parts]
         done = sum(min(part_size, size - (int(n) - 1) * part_size) for n in parts)
         ctx.progress(done, size)
+        progress = UploadProgress(done, size, ctx.progress, ctx.pace)
         if missing:
             log.info("s3://%s/%s: sending %d of %d parts", self.bucket, key, len(missing), count)
         with_checksum = cp.get("checksum") == "SHA256"
@@ -239,7 +241,8 @@ class S3Transport(Transport):
                 while len(running) < self.concurrency and (number := next(queue, None)) is not None:
                     ctx.check_stop()
                     length = min(part_size, size - (number - 1) * part_size)
-                    args = (fd, key, cp["upload_id"], number, (number - 1) * part_size, length, with_checksum)
+                    args = (fd, key, cp["upload_id"], number, (number - 1) * part_size, length, with_checksum,
+                            progress)  # fmt: skip
                     running[pool.submit(self._upload_part, *args)] = number
                 if not running:
                     break
@@ -247,9 +250,8 @@ class S3Transport(Transport):
                 for future in finished:
                     number = running.pop(future)
                     parts[str(number)] = future.result()
-                    done += parts[str(number)].pop("bytes")
+                    progress.finished(number, parts[str(number)].pop("bytes"))
                     ctx.save_checkpoint()
-                    ctx.progress(done, size)
         except BaseException:
             for future in running:
                 future.cancel()
@@ -264,16 +266,18 @@ class S3Transport(Transport):
             os.close(fd)
 
     def _upload_part(
-        self, fd: int, key: str, upload_id: str, number: int, offset: int, length: int, with_checksum: bool
+        self, fd: int, key: str, upload_id: str, number: int, offset: int, length: int, with_checksum: bool,
+        progress: UploadProgress,
     ) -> dict[str, Any]:  # fmt: skip
         data = os.pread(fd, length, offset)
         if len(data) != length:
             raise PermanentError(f"the local file shrank while uploading part {number} of s3://{self.bucket}/{key}")
         checksum = _b64sha(data)
         extra = {"ChecksumSHA256": checksum} if with_checksum else {}
-        with _mapped(f"s3://{self.bucket}/{key} part {number}"):
+        # Paced as it is sent (the caps; a stop is noticed within one socket write, and the part sent again).
+        with _mapped(f"s3://{self.bucket}/{key} part {number}"), stop_as_interrupted():
             reply = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                            Body=data, **extra)  # fmt: skip
+                                            Body=progress.body(number, data), **extra)  # fmt: skip
         return {"etag": reply["ETag"], "sha256": reply.get("ChecksumSHA256") or checksum, "bytes": length}
 
     def _complete(self, key: str, cp: dict[str, Any], count: int) -> None:

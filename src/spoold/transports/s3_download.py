@@ -43,6 +43,7 @@ import botocore.exceptions
 
 from spoold.cache import Cache, content_key
 from spoold.errors import ChecksumMismatch, Interrupted, PermanentError, RemoteMissing, TransientError
+from spoold.ratelimit import Limiter
 from spoold.transports.base import TransferContext, TreeLimits, check_component, shown_name
 from spoold.transports.landing import Landing
 from spoold.transports.local import PART_SUFFIX, part_name
@@ -162,7 +163,7 @@ class S3Download:
         try:
             # One byte past the listed size is enough to know the server sent more than it said.
             got = stream_into(body, fd, 0, found.size + 1, ctx.check_stop, hasher,
-                              on_bytes=lambda n: ctx.progress(n, found.size))  # fmt: skip
+                              on_bytes=lambda n: ctx.progress(n, found.size), limiter=ctx.limiter)  # fmt: skip
         finally:
             body.close()
         if got < found.size:
@@ -237,7 +238,8 @@ class S3Download:
                     continue
                 while len(window) >= self.concurrency:
                     settle_oldest()
-                window.append((found, pool.submit(self._land_small, landing, parts, found, cache, check_stop)))
+                window.append((found, pool.submit(self._land_small, landing, parts, found, cache, check_stop,
+                                                  ctx.limiter)))  # fmt: skip
             while window:
                 settle_oldest()
         except BaseException:
@@ -261,15 +263,12 @@ class S3Download:
         if found is None:
             raise TransientError(f"s3://{self.bucket}/{listed.key} went away while the prefix was pulled")
         base = int(ctx.checkpoint.get("landed_bytes") or 0)
-        sub = TransferContext(
-            progress=lambda n, _t: ctx.progress(base + n, total), checkpoint=ctx.checkpoint.setdefault("current", {}),
-            save_checkpoint=ctx.save_checkpoint, check_stop=ctx.check_stop,
-        )  # fmt: skip
+        sub = ctx.sub(lambda n, _t: ctx.progress(base + n, total), ctx.checkpoint.setdefault("current", {}))
         self.land(landing, parts, found, sub, cache)
         ctx.checkpoint.pop("current", None)
 
     def _land_small(self, landing: Landing, parts: Sequence[str], listed: RemoteObject, cache: Cache | None,
-                    check_stop: Callable[[], None]) -> None:  # fmt: skip
+                    check_stop: Callable[[], None], limiter: Limiter) -> None:  # fmt: skip
         where = f"s3://{self.bucket}/{listed.key}"
         with mapped(where):
             found = listed
@@ -277,7 +276,7 @@ class S3Download:
                 # The cache is keyed by content: only HEAD has the sha256 that names it.
                 found = self.head(listed.key) or listed
             quiet = TransferContext(progress=lambda _d, _t: None, checkpoint={}, save_checkpoint=lambda: None,
-                                    check_stop=check_stop)  # fmt: skip
+                                    check_stop=check_stop, limiter=limiter)  # fmt: skip
             self.land(landing, parts, found, quiet, cache)
 
     def listing(self, prefix: str, limits: TreeLimits, after: str) -> Iterator[tuple[str, RemoteObject]]:

@@ -29,6 +29,7 @@ from typing import Any
 import botocore.exceptions
 
 from spoold.errors import Interrupted, PermanentError, TransientError
+from spoold.ratelimit import UNLIMITED, Limiter
 from spoold.transports.base import TransferContext
 from spoold.transports.s3_errors import error_code, mapped
 
@@ -75,16 +76,18 @@ def checked_etag(value: object, where: str) -> str:
 
 def stream_into(
     body: Any, fd: int, start: int, end: int, check_stop: Callable[[], None], hasher: Any = None,
-    on_bytes: Callable[[int], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None, limiter: Limiter = UNLIMITED,
 ) -> int:  # fmt: skip
-    """Write `body` to `fd` at `start`, reading at most `end - start` bytes; how many arrived."""
+    """Write `body` to `fd` at `start`, reading at most `end - start` bytes, paced by `limiter`; how many arrived."""
     offset = start
+    chunk_bytes = limiter.piece_bytes(CHUNK_BYTES)
     while offset < end:
         check_stop()
         # `read`, not `readinto`: urllib3's readinto reads and then copies, one more pass over every byte.
-        data = body.read(min(CHUNK_BYTES, end - offset))
+        data = body.read(min(chunk_bytes, end - offset))
         if not data:
             break
+        limiter.acquire(len(data))
         if hasher is not None:
             hasher.update(data)
         n, written = len(data), 0
@@ -253,7 +256,8 @@ class RangedDownload:
                 def arrived(n: int) -> None:
                     self._partial[index] = n
 
-                got = stream_into(body, self.fd, start, end, self._check_abort, on_bytes=arrived)
+                got = stream_into(body, self.fd, start, end, self._check_abort, on_bytes=arrived,
+                                  limiter=self.ctx.limiter)  # fmt: skip
             finally:
                 with self._lock:
                     self._bodies.discard(body)

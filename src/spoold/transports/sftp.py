@@ -16,13 +16,14 @@ import hashlib
 import logging
 import posixpath
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import paramiko
 
-from spoold.errors import CommandTimedOut, PermanentError, SpooldError, TransientError
+from spoold.errors import CommandTimedOut, Interrupted, PermanentError, SpooldError, TransientError
 from spoold.transports import ssh_exec
 from spoold.transports.base import (
     CONNECTION_KEYS,
@@ -62,6 +63,8 @@ WINDOW_BYTES = 64 << 20
 PACKET_BYTES = 32 << 10
 VERIFY_BATCH = 200
 CHECKPOINT_EVERY_BYTES = 64 << 20
+# A slow (or capped) upload records its offset this often too, so a crash loses little to the prefix re-check.
+CHECKPOINT_EVERY_SECONDS = 10.0
 
 
 def temp_name(target: str) -> str:
@@ -228,21 +231,31 @@ class SftpTransport(Transport):
                 reader.seek(0)
             ctx.checkpoint.update(remote_tmp=remote, offset=offset)
             ctx.save_checkpoint()
-            with client.open(remote, "r+b" if offset else "wb") as writer:
-                writer.MAX_REQUEST_SIZE = REQUEST_BYTES
-                writer.set_pipelined(True)
-                writer.seek(offset)
-                done, saved = offset, offset
-                ctx.progress(base + done, base + size)
-                while chunk := reader.read(CHUNK_BYTES):
-                    hasher.update(chunk)
-                    writer.write(chunk)
-                    done += len(chunk)
+            piece = ctx.chunk_bytes(CHUNK_BYTES)
+            done = offset
+            try:
+                with client.open(remote, "r+b" if offset else "wb") as writer:
+                    writer.MAX_REQUEST_SIZE = REQUEST_BYTES
+                    writer.set_pipelined(True)
+                    writer.seek(offset)
+                    saved, saved_at = offset, time.monotonic()
                     ctx.progress(base + done, base + size)
-                    if done - saved >= CHECKPOINT_EVERY_BYTES:
-                        ctx.check_stop()
-                        ctx.checkpoint["offset"] = saved = done
-                        ctx.save_checkpoint()
+                    while chunk := reader.read(piece):
+                        ctx.pace(len(chunk))  # the caps, and a stop noticed within one piece
+                        hasher.update(chunk)
+                        writer.write(chunk)
+                        done += len(chunk)
+                        ctx.progress(base + done, base + size)
+                        if done - saved >= CHECKPOINT_EVERY_BYTES or time.monotonic() - saved_at >= \
+                                CHECKPOINT_EVERY_SECONDS:  # fmt: skip
+                            ctx.checkpoint["offset"] = saved = done
+                            saved_at = time.monotonic()
+                            ctx.save_checkpoint()
+            except Interrupted:
+                # Closing the file waited for the pipelined writes: the far side holds `done` bytes now.
+                ctx.checkpoint["offset"] = done
+                ctx.save_checkpoint()
+                raise
         return size, hasher.hexdigest()
 
     def _resume_offset(self, client: paramiko.SFTPClient, remote: str, reader: Any, hasher: Any, size: int) -> int:
@@ -348,7 +361,7 @@ class SftpTransport(Transport):
                     remote = join_remote(origin, relative) if relative else origin
                     writer, offset = landing.open_file(parts)
                     with writer:
-                        fetch(client, remote, writer, offset, size, report)
+                        fetch(client, remote, writer, offset, size, report, ctx)
                     done += size
                 final = landing.publish(tmp, name)
         return [final]

@@ -23,7 +23,7 @@ from typing import BinaryIO
 import paramiko
 
 from spoold.errors import PermanentError, TransientError
-from spoold.transports.base import RemoteEntry, TreeLimits, check_component, join_remote
+from spoold.transports.base import RemoteEntry, TransferContext, TreeLimits, check_component, join_remote
 from spoold.transports.landing import Landing  # noqa: F401 - re-exported: tests import it from here
 from spoold.transports.local import WATCH_REFUSED, describe_mode
 
@@ -200,21 +200,24 @@ def local_tree(source: Path) -> list[tuple[str, Path | None]]:
     return out
 
 
-def read_range(stream: paramiko.SFTPFile, start: int, end: int) -> Iterator[bytes]:
+def read_range(
+    stream: paramiko.SFTPFile, start: int, end: int, window_bytes: int = WINDOW_BYTES, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[bytes]:  # fmt: skip
     """The bytes of an open remote file from `start` to `end` (or its end, if sooner), pipelined.
 
     paramiko's prefetch plans one request per 255 KiB of the size it is given, and buffers what comes
     back; the size is the server's word, so it is given one window at a time and memory stays near
-    `WINDOW_BYTES` whatever size the server claims.
+    `window_bytes` whatever size the server claims. A capped download asks for a smaller window, since
+    a prefetched window arrives at the link's full speed whatever pace it is read at.
     """
     stream.MAX_REQUEST_SIZE = REQUEST_BYTES
     stream.seek(start)
     done = start
     while done < end:
-        window_end = min(end, done + WINDOW_BYTES)
+        window_end = min(end, done + window_bytes)
         stream.prefetch(window_end, PREFETCH_REQUESTS)
         while done < window_end:
-            chunk = stream.read(min(CHUNK_BYTES, window_end - done))
+            chunk = stream.read(min(chunk_bytes, window_end - done))
             if not chunk:
                 return
             yield chunk
@@ -232,16 +235,24 @@ def read_back_sha256(client: paramiko.SFTPClient, path: str, length: int | None)
 
 
 def fetch(
-    client: paramiko.SFTPClient, remote: str, writer: BinaryIO, offset: int, size: int, progress: Callable[[int], None]
-) -> None:
-    """Download `remote` into `writer`, which holds its first `offset` bytes from an earlier attempt; fsynced."""
+    client: paramiko.SFTPClient, remote: str, writer: BinaryIO, offset: int, size: int, progress: Callable[[int], None],
+    ctx: TransferContext,
+) -> None:  # fmt: skip
+    """Download `remote` into `writer`, which holds its first `offset` bytes from an earlier attempt; fsynced.
+
+    Paced by `ctx` (its caps, and a stop noticed within one chunk); a stop leaves what arrived for a re-run.
+    """
     if offset > size:
         offset = 0
     writer.seek(offset)
     writer.truncate()
     done = offset
+    chunk_bytes = ctx.chunk_bytes(CHUNK_BYTES)
+    # Under a cap, about one burst in flight: a prefetched window would arrive at the link's full speed.
+    window = WINDOW_BYTES if not ctx.limiter.is_limited else max(REQUEST_BYTES, min(WINDOW_BYTES, 2 * chunk_bytes))
     with client.open(remote, "rb") as reader:
-        for chunk in read_range(reader, offset, size):
+        for chunk in read_range(reader, offset, size, window, chunk_bytes):
+            ctx.pace(len(chunk))
             writer.write(chunk)
             done += len(chunk)
             progress(done)
