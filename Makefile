@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test check lint types bench system-deps clean
+.PHONY: run test check lint types bench torture system-deps clean
 
 $(BIN)/spoold: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ run: $(BIN)/spoold
 ## Install what the tests need (openssh-server, ffmpeg, unzip, debootstrap, systemd-container via apt-get when
 ## missing) and pass them.
 test: system-deps $(VENV)/.test-deps
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench torture
 	$(BIN)/mypy
 	$(BIN)/pytest
 
@@ -48,6 +48,10 @@ system-deps:
 ## Benchmarks: ratios against the reference tools, measured in the same run.
 bench: system-deps $(VENV)/.test-deps
 	$(BIN)/python -m bench
+
+## Fault cases (minutes): kill -9, power cuts, full disks, lost events, cut links, clock jumps; counts what is lost.
+torture: system-deps $(VENV)/.test-deps
+	$(BIN)/python -m torture
 
 clean:
 	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache

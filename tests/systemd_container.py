@@ -4,7 +4,8 @@ The minimal root filesystem is built once by debootstrap into /var/cache/spoold-
 repository) and reused: it is built in a temporary folder and renamed when complete, under a lock, so an
 interrupted build is never reused and two runs never build at once. Each run boots a copy of it, drives
 it with `nsenter` into the container's namespaces, and removes the copy afterwards. `Box` is that
-container with spoold installed by README's "Install as a service" steps.
+container with spoold installed by README's "Install as a service" steps. The tree holds openssh-server with
+ssh.service disabled: sshd runs only while the test shipping over SFTP starts it (`Box.start_sshd`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from typing import Any
 CACHE = Path(os.environ.get("SPOOLD_TEST_CACHE", "/var/cache/spoold-test"))
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv")
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "openssh-server")
 # Bump when PACKAGES change, so an older cached tree is not reused.
-ROOTFS = CACHE / f"rootfs-{SUITE}-v1"
+ROOTFS = CACHE / f"rootfs-{SUITE}-v2"
 CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -67,6 +68,9 @@ def build_rootfs(log: Path) -> tuple[Path, float]:
                 subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
                                 str(building), MIRROR], stdin=subprocess.DEVNULL, stdout=out,
                                stderr=subprocess.STDOUT, check=True, timeout=900)  # fmt: skip
+                # sshd runs only while the test shipping over SFTP starts it (`Box.start_sshd`).
+                subprocess.run(["chroot", str(building), "systemctl", "disable", "ssh.service"], stdout=out,
+                               stderr=subprocess.STDOUT, env=CLEAN_ENV, check=True, timeout=60)  # fmt: skip
             os.rename(building, ROOTFS)
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
@@ -282,6 +286,13 @@ class Box:
         self.ct.run(["systemctl", "restart", "spoold"])
         assert self.prop("ActiveState") == "active"
 
+    def start_sshd(self, user: str, public_key: str) -> None:
+        """ssh.service (disabled in the image) on the container's own 127.0.0.1:22; `user` logs in with the key."""
+        self.ct.write("/etc/ssh/sshd_config.d/spoold-test.conf", "ListenAddress 127.0.0.1\nPasswordAuthentication no\n")
+        self.ct.run(f"id {user} >/dev/null 2>&1 || useradd --create-home {user}")
+        self.ct.write(f"/home/{user}/.ssh/authorized_keys", public_key + "\n", 0o600)
+        self.ct.run(f"chown -R {user}: /home/{user}/.ssh && chmod 700 /home/{user}/.ssh")
+        self.ct.run(["systemctl", "start", "ssh.service"])  # Type=notify: returns once sshd listens
 
 
 FAKE_S3 = r'''

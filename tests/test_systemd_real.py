@@ -4,9 +4,10 @@ A minimal Debian 12 (debootstrap, cached under /var/cache/spoold-test/) is boote
 spoold's wheels are built on the host and installed in it offline. Then: the service runs and ships what
 a producer in group spoold drops; STATUS=; reload (good and bad config); a clean stop; the watchdog
 restarts a stopped daemon; a bad config fails once with 78; a spool folder it may not fix fails with 73
-naming the fix; the template unit; LoadCredential= reaching a step; the security exposure; a stop during a
-running step; journal fields per item. Needs root; skipped otherwise, and where the container cannot
-boot (failing under CI). The first two tests check the layout code without a container.
+naming the fix; the template unit; LoadCredential= delivering an S3 key and an SSH key (sftp://, host_key:
+tofu recording into the state folder); the security exposure; a stop during a running step; journal fields
+per item. Needs root; skipped otherwise, and where the container cannot boot (failing under CI). The first
+two tests check the layout code without a container.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pytest
 
 from spoold.daemon.layout import SpoolFolderError, SpoolLayout
 from tests.conftest import REPO, need_or_skip
+from tests.sshd import keygen
 from tests.systemd_container import (
     FAKE_S3,
     SOURCE,
@@ -42,7 +44,6 @@ from tests.systemd_container import (
 )
 
 pytestmark = pytest.mark.timeout(900)
-
 
 
 # ---- the layout code alone: what systemd's sandbox refuses (chown, chmod with setgid) ------------------------
@@ -303,6 +304,32 @@ def test_load_credential_reaches_a_step(box: Box) -> None:
     finally:
         box.ct.run(["systemctl", "stop", "fakes3"], check=False)
         box.drop_in("credential", None)
+        box.write_config(original)
+        box.restart_clean()
+
+
+def test_load_credential_delivers_an_ssh_key(box: Box, tmp_path: Path) -> None:
+    box.start_sshd("store", keygen(tmp_path / "edge_key"))  # made on the host; only the public half goes to sshd
+    private = (tmp_path / "edge_key").read_text()
+    box.ct.write("/etc/spoold/credentials/edge_key", private, 0o600)
+    original = box.path("/etc/spoold/spoold.yaml").read_text()
+    box.write_config(original + "  overssh:\n    chain:\n      - ship: {to: 'sftp://store@127.0.0.1/home/store/in/', "
+                     "credential: edge_key, host_key: tofu}\n")  # fmt: skip
+    box.drop_in("ssh-credential", "[Service]\nLoadCredential=edge_key:/etc/spoold/credentials/edge_key\n")
+    try:
+        box.restart_clean()
+        box.drop(f"{SPOOL}/overssh/inbox", "over-ssh.txt", "sent with the SSH credential\n")
+        box.wait_state("overssh", "over-ssh.txt", "done")
+        assert box.path("/home/store/in/over-ssh.txt").read_text() == "sent with the SSH credential\n"
+        host, kind, blob = box.path("/var/lib/spoold/known_hosts").read_text().split()  # ProtectSystem=strict
+        assert host == "127.0.0.1" and f"{kind} {blob}" in box.ct.run("cat /etc/ssh/ssh_host_*_key.pub").stdout
+        assert box.ct.run(["grep", "-rqF", blob, "/etc", "--exclude-dir=ssh"], check=False).returncode == 1
+        assert "recorded in /var/lib/spoold/known_hosts" in box.journal()
+        journal = box.ct.run(["journalctl", "--no-pager", "-o", "cat"]).stdout  # every unit's, not only spoold's
+        assert "PRIVATE KEY" not in journal and not [s for s in private.splitlines()[1:-1] if s in journal]
+    finally:
+        box.ct.run(["systemctl", "stop", "ssh.service"], check=False)
+        box.drop_in("ssh-credential", None)
         box.write_config(original)
         box.restart_clean()
 

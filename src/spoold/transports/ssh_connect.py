@@ -98,7 +98,7 @@ def connect(url: ParsedUrl, settings: Mapping[str, Any], window_bytes: int, pack
             )
         ssh.start_client(timeout=timeout)
         check_host_key(ssh.get_remote_server_key(), host, port, known)
-        _authenticate(ssh, url.user or getpass.getuser(), host, settings)
+        authenticate(ssh, url.user or getpass.getuser(), host, settings)
         ssh.set_keepalive(KEEPALIVE_SECONDS)
     except BaseException:
         ssh.close()
@@ -257,22 +257,34 @@ def _record_in_state_file(path: Path, line: str) -> None:
         os.close(dir_fd)
 
 
-def _authenticate(ssh: paramiko.Transport, user: str, host: str, settings: Mapping[str, Any]) -> None:
+def authenticate(ssh: paramiko.Transport, user: str, host: str, settings: Mapping[str, Any]) -> None:
     keys, password = _credentials(settings)
     refusal = "no identity, password_file or credential was given and no default key exists"
+    is_refused = False
     for key in keys:
         try:
             ssh.auth_publickey(user, key)
             return
         except paramiko.AuthenticationException as exc:
-            refusal = f"key {fingerprint(key)} refused: {exc}"
+            _raise_if_link_lost(ssh, user, host, exc, is_refused=is_refused)
+            refusal, is_refused = f"key {fingerprint(key)} refused: {exc}", True
     if password is not None:
         try:
             ssh.auth_password(user, password)
             return
         except paramiko.AuthenticationException as exc:
+            _raise_if_link_lost(ssh, user, host, exc, is_refused=is_refused)
             refusal = f"password refused: {exc}"
     raise PermanentError(f"authentication as {user}@{host} failed: {refusal}")
+
+
+def _raise_if_link_lost(ssh: paramiko.Transport, user: str, host: str, exc: Exception, *, is_refused: bool) -> None:
+    """A link cut during authentication is not a refusal: paramiko reports both as AuthenticationException.
+
+    After a refusal, a closed link is the server's answer to it (sshd's MaxAuthTries), so it stays permanent.
+    """
+    if not is_refused and not ssh.is_active():
+        raise TransientError(f"the connection to {user}@{host} was lost during authentication: {exc}") from None
 
 
 def _credentials(settings: Mapping[str, Any]) -> tuple[list[paramiko.PKey], str | None]:

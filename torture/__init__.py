@@ -1,0 +1,1 @@
+"""`make torture`: faults fleets meet every week, against the real daemon and real servers, counted."""
