@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test check lint types bench torture system-deps clean
+.PHONY: run test check lint types bench torture system-deps torture-deps clean
 
 $(BIN)/spoold: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +50,21 @@ bench: system-deps $(VENV)/.test-deps
 	$(BIN)/python -m bench
 
 ## Fault cases (minutes): kill -9, power cuts, full disks, lost events, cut links, clock jumps; counts what is lost.
-torture: system-deps $(VENV)/.test-deps
+torture: system-deps torture-deps $(VENV)/.test-deps
 	$(BIN)/python -m torture
+
+# What only the torture cases need (not `make test`): libfaketime for the clock case.
+torture-deps:
+	@missing=""; \
+	command -v faketime >/dev/null 2>&1 || missing="$$missing faketime"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "note: missing$$missing (the torture cases that need them say so and are skipped)"; \
+	  fi; \
+	fi
 
 clean:
 	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache

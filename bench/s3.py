@@ -149,7 +149,7 @@ def main() -> None:
             settings = _settings(endpoint)
             print(f"{size_mb} MiB, part_size {settings['part_size'] // MiB} MiB, concurrency "
                   f"{settings['concurrency']}, moto server at {endpoint}")  # fmt: skip
-            results = {}
+            results: dict[str, tuple[float, int]] = {}
             for method in ("boto3", "spoold", "boto3", "spoold"):
                 seconds, rss = run_child([method, endpoint, str(source)], env)
                 best = results.get(method)

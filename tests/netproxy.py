@@ -9,14 +9,15 @@ import threading
 
 
 class Proxy:
-    """Forwards 127.0.0.1:`port` to 127.0.0.1:`target`.
+    """Forwards 127.0.0.1:`port` to `target_host`:`target` (127.0.0.1 unless told).
 
     `cut_after`: the first connection is cut after that many client-to-server bytes. `cut()` drops the
     connections open now; `wedge()` makes them forward nothing while staying open (a blackholed link).
     """
 
-    def __init__(self, target: int, port: int = 0, cut_after: int | None = None) -> None:
-        self.target, self.cut_after = target, cut_after
+    def __init__(self, target: int, port: int = 0, cut_after: int | None = None,
+                 target_host: str = "127.0.0.1") -> None:  # fmt: skip
+        self.target, self.cut_after, self.target_host = target, cut_after, target_host
         self.listener = socket.create_server(("127.0.0.1", port))
         self.listener.settimeout(0.1)
         self.port: int = self.listener.getsockname()[1]
@@ -38,7 +39,7 @@ class Proxy:
             except OSError:
                 return
             try:
-                server = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+                server = socket.create_connection((self.target_host, self.target), timeout=5)
             except OSError:
                 client.close()
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +63,33 @@ def test_file_still_being_appended_is_not_claimed(write_config: WriteConfig, spo
             assert read_sidecar(spool, "q", "growing.bin") is None, "claimed while still open and growing"
     done = wait_for(sidecar_state(spool, "q", "growing.bin", "done"), 10, "growing file done")
     assert done["steps"][0]["result"]["bytes"] == 16000
+
+
+def test_file_open_for_writing_is_not_claimed_during_a_long_pause(write_config: WriteConfig, spool: Path,
+                                                                  daemon: Start) -> None:  # fmt: skip
+    # torture/producers.py: a writer pausing longer than settle on an open handle was claimed by a rescan
+    # (no event, quiet size and mtime), and its checksum and ship saw a truncated file.
+    daemon(one_queue(write_config, "    settle: 0.3s\n", rescan="1s"))
+    path = inbox(spool) / "paused.bin"
+    with open(path, "wb") as stream:
+        stream.write(b"a" * 1000)
+        stream.flush()
+        time.sleep(2.5)  # two rescans and many settle periods with nothing changing
+        assert read_sidecar(spool, "q", "paused.bin") is None, "claimed while still open for writing"
+        stream.write(b"b" * 1000)
+    done = wait_for(sidecar_state(spool, "q", "paused.bin", "done"), 10, "paused file done")
+    assert done["steps"][0]["result"]["bytes"] == 2000
+
+
+def test_a_removed_inbox_is_made_and_watched_again(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
+    # torture/events.py: after a producer's `rm -rf inbox && mkdir inbox` the watch was dead (watchdog stops it
+    # on IN_DELETE_SELF) and files waited for the periodic rescan, 60 s by default.
+    daemon(one_queue(write_config, "    settle: 0s\n", rescan="60s"))
+    shutil.rmtree(inbox(spool))
+    wait_for(lambda: inbox(spool).is_dir(), 10, "the inbox made again")
+    for name in ("one.bin", "two.bin"):
+        (inbox(spool) / name).write_bytes(name.encode())
+        wait_for(sidecar_state(spool, "q", name, "done"), 10, f"{name} done long before the rescan")
 
 
 def test_ignore_patterns(write_config: WriteConfig, spool: Path, daemon: Start) -> None:

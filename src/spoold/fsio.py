@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,42 @@ def write_json_atomic(path: Path, document: dict[str, Any], mode: int = FILE_MOD
 
 def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_written(paths: Iterable[Path]) -> None:
+    """Make the files a step wrote durable (a folder: every file in it) and the folders that name them.
+
+    Called before a sidecar records the step done: without it a power cut can leave the step done on disk
+    with its output (a manifest, a sumfile) empty or short, and a later step would ship that.
+    """
+    folders: set[Path] = set()
+    for path in paths:
+        folders.add(path.parent)
+        if path.is_dir() and not path.is_symlink():
+            for root, _dirs, files in os.walk(path):
+                folders.add(Path(root))
+                for name in files:
+                    _fsync_file(Path(root) / name)
+        else:
+            _fsync_file(path)
+    for folder in sorted(folders):
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(folder)
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return  # a link: nothing of ours to make durable
+        raise
     try:
         os.fsync(fd)
     finally:

@@ -27,16 +27,22 @@ def _progress_bytes(entry: dict[str, Any]) -> int | None:
     return done if done or (isinstance(total, int) and total > 0) else None
 
 
-def record_attempt(entry: dict[str, Any], outcome: str, *, is_crash: bool = False) -> dict[str, Any]:
+def record_attempt(entry: dict[str, Any], outcome: str, *, is_crash: bool = False,
+                   elapsed: float | None = None) -> dict[str, Any]:  # fmt: skip
     """Append how the step's current attempt ended to its `history` (the last HISTORY_ENTRIES kept).
 
     `is_crash`: the attempt was found still `running` at the next start; when it ended is not known.
+    `elapsed`: the attempt's duration on the monotonic clock, when this process saw it start; the wall-clock
+    difference of `started` and `finished` is only the fallback, since a clock step (NTP at boot, a dead RTC)
+    between the two made it a year long or zero.
     """
     record: dict[str, Any] = {"attempt": entry.get("attempt", 1), "state": outcome, "started": entry.get("started")}
     if not is_crash:
         record["finished"] = entry.get("finished") or now_iso()
         began, ended = parse_iso(record["started"]), parse_iso(record["finished"])
-        if began is not None and ended is not None:
+        if elapsed is not None:
+            record["duration_s"] = round(max(elapsed, 0.0), 3)
+        elif began is not None and ended is not None:
             record["duration_s"] = round(max(ended - began, 0.0), 3)
     if (moved := _progress_bytes(entry)) is not None:
         record["bytes"] = moved

@@ -13,6 +13,8 @@ moves the entry out of the inbox, nothing is ever claimed twice.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import fnmatch
 import os
 import stat
@@ -30,6 +32,9 @@ Signature = tuple[int, int, int]
 class Candidate:
     signature: Signature | None
     deadline: float
+    # A close-after-write or move event named this file: complete after `settle` even if a descriptor stays
+    # open (SPEC 3). A file only a scan found must also be open for writing nowhere.
+    is_announced: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +66,21 @@ class Intake:
     def is_ignored(self, name: str) -> bool:
         return name.startswith(".") or any(fnmatch.fnmatchcase(name, p) for p in self.queue.spec.ignore)
 
-    def notice(self, path: Path, now: float) -> None:
-        """An event touched `path` (anywhere below the inbox): look at its top-level entry soon."""
+    def notice(self, path: Path, now: float, is_landed: bool = False) -> None:
+        """An event touched `path` (anywhere below the inbox): look at its top-level entry soon.
+
+        `is_landed`: the event was close-after-write or a move, which announces a top-level file as written."""
         try:
             relative = path.relative_to(self.inbox)
         except ValueError:
             return
         if not relative.parts:
             return
-        self._track(relative.parts[0], now)
+        # Without IN_CREATE in the watch (server._watch), any event for a top-level file is a close-after-write
+        # or a move in (watchdog reports a move whose IN_MOVED_FROM it never saw as a created event).
+        sees_creates = self.queue.starts_early or (self.queue.spec.items == "bundles"
+                                                   and self.queue.spec.ready == "settle")  # fmt: skip
+        self._track(relative.parts[0], now, is_announced=len(relative.parts) == 1 and (is_landed or not sees_creates))
 
     def scan(self, now: float) -> None:
         """Look at every entry of the inbox (start, period, overflow)."""
@@ -81,7 +92,7 @@ class Intake:
             if name not in self.candidates:
                 self._track(name, now)
 
-    def _track(self, name: str, now: float) -> None:
+    def _track(self, name: str, now: float, is_announced: bool = False) -> None:
         if self.is_ignored(name):
             return
         if name.endswith(READY_SUFFIX) and len(name) > len(READY_SUFFIX):
@@ -101,7 +112,7 @@ class Intake:
                 delay = 0.0
         except FileNotFoundError:
             return
-        self.candidates[name] = Candidate(signature, now + delay)
+        self.candidates[name] = Candidate(signature, now + delay, is_announced)
 
     def next_deadline(self) -> float | None:
         return min((c.deadline for c in self.candidates.values()), default=None)
@@ -150,11 +161,35 @@ class Intake:
             signature = _signature(path, info, self.queue.spec.limits)
         except Rejected as exc:
             return Arrival(name, rejection=str(exc))
-        if signature != candidate.signature:
+        if signature != candidate.signature or (stat.S_ISREG(info.st_mode) and not candidate.is_announced
+                                                and is_open_for_writing(path)):  # fmt: skip
             candidate.signature = signature
             candidate.deadline = now + self.settle_seconds
             return None
         return Arrival(name)
+
+
+def is_open_for_writing(path: Path) -> bool:
+    """Whether some process holds `path` open for writing (a producer pausing longer than `settle`).
+
+    A scan finds files no close event announced, and a quiet size and mtime do not say the writer is done.
+    The kernel refuses a read lease on a file open for writing anywhere (EAGAIN); the lease is dropped at
+    once. Where leases cannot be taken (not the file's owner without CAP_LEASE, a filesystem without
+    leases) this says False, and settling alone decides, as before.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EBUSY)
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _signature(path: Path, info: os.stat_result, limits: Limits) -> Signature:

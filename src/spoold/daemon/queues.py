@@ -165,7 +165,7 @@ class QueueBook:
 
     def on_event(self, parts: tuple[str, ...], is_landed: bool, now: float) -> None:
         """An inbox event at `parts` (relative to the inbox)."""
-        self.intake.notice(self.folders.inbox.joinpath(*parts), now)
+        self.intake.notice(self.folders.inbox.joinpath(*parts), now, is_landed)
         for item in self.arriving.values():
             if len(parts) > 1 and item.entry == parts[0]:
                 item.touched("/".join(parts[1:]), is_landed)

@@ -8,6 +8,7 @@ runner reports to the main loop only by posting messages.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -29,11 +30,19 @@ from spoold.daemon.metrics import TRANSFER_HANDLERS
 from spoold.daemon.recovery import settle_finished
 from spoold.daemon.sidecar import FINISHED_STEP_STATES, Sidecar, error_record
 from spoold.errors import Interrupted, PermanentError, StepError
+from spoold.fsio import fsync_written
 from spoold.handlers.base import StepResult
 from spoold.redact import redact
 from spoold.transports import TransportPool
 
 log = logging.getLogger("spoold.runner")
+
+# Errors of the spool's filesystem rather than of the code: logged without a traceback.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def is_disk_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_ERRNOS
 
 
 class ItemRunner:
@@ -84,8 +93,12 @@ class ItemRunner:
             self.sidecar.done()
             return Outcome("done")
         except Exception as exc:  # noqa: BLE001 - a bug in the runner is this item's failure, not the daemon's
-            log.error("%s/%s: internal error: %s", self.queue.name, self.sidecar.name,
-                      redact("".join(traceback.format_exception(exc)).strip()))  # fmt: skip
+            if is_disk_error(exc):
+                # The spool's disk (full, read-only, out of inodes), not a bug: one line, and retried.
+                log.error("%s/%s: cannot record the item's state: %s", self.queue.name, self.sidecar.name, exc)
+            else:
+                log.error("%s/%s: internal error: %s", self.queue.name, self.sidecar.name,
+                          redact("".join(traceback.format_exception(exc)).strip()))  # fmt: skip
             return self._failed_attempt(self.sidecar.current_step_index() if index is None else index, exc)
 
     def _is_skipped(self, step: Step) -> bool:
@@ -114,7 +127,7 @@ class ItemRunner:
             except Exception as exc:  # noqa: BLE001 - a handler bug is contained, logged and retried
                 # Measured before anything else: waiting for a still-arriving bundle is not the step's time.
                 seconds, moved = time.monotonic() - started, self._moved(step, bytes_before)
-                if not isinstance(exc, StepError):
+                if not isinstance(exc, StepError) and not is_disk_error(exc):
                     log.error("step %s of %s/%s crashed: %s", step.name, self.queue.name, self.sidecar.name,
                               redact("".join(traceback.format_exception(exc)).strip()))  # fmt: skip
                 outcome = self._await_arrival(step.index) or self._failed_attempt(step.index, exc)
@@ -173,6 +186,7 @@ class ItemRunner:
         def relative(paths: list[Path]) -> list[str]:
             return [str(p.relative_to(ctx.item_dir)) for p in paths]
 
+        fsync_written([*(result.outputs or []), *result.extras])  # durable before the sidecar says done
         payload = [] if result.is_payload_removed else (relative(result.outputs) if result.outputs is not None
                                                          else None)  # fmt: skip
         self.sidecar.step_done(index, result.result, payload=payload, extras=relative(result.extras),

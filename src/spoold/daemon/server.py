@@ -47,7 +47,9 @@ from spoold.transports import TransportPool
 log = logging.getLogger("spoold")
 
 HEALTH_INTERVAL_SECONDS = 5.0
-DISK_CHECK_INTERVAL_SECONDS = 5.0
+# statvfs is cheap; at 5 s a producer writing a few MiB/s ran a 64 MiB disk from above min_free to full
+# between two checks, so the pause came too late to be written to health.json (torture: disk/full).
+DISK_CHECK_INTERVAL_SECONDS = 1.0
 WATCHDOG_FALLBACK_SECONDS = 30.0
 EXIT_OK = 0
 EXIT_FORCED = 1
@@ -100,6 +102,9 @@ class Server:
             book.intake.scan(now)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, lambda number, _frame: self.messages.put(SignalReceived(number)))
+        # Intake takes a read lease for an instant to tell a file still open for writing; a producer opening
+        # it in that instant makes the kernel send SIGIO, whose default action would end the daemon.
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
         self.is_ready = True
         self._tick(time.monotonic())
         self.notifier.ready()
@@ -213,6 +218,9 @@ class Server:
         if now >= self._next["rescan"]:
             self._next["rescan"] = now + self.config.rescan_seconds
             guarded("checking the spool's folders", self.layout.ensure)
+            for book in self.books.values():
+                # An inbox a producer removed is watched again (made again by `ensure`) before the rescan.
+                guarded(f"watching queue {book.name}", functools.partial(self._watch, book))
             for book in self.books.values():
                 with about(book.name):
                     guarded(f"rescanning queue {book.name}", functools.partial(book.rescan, now))

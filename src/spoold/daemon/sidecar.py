@@ -58,6 +58,7 @@ class Sidecar:
         self._progress_flush: threading.Timer | None = None
         self._is_progress_unwritten = False
         self._is_removed = False
+        self._step_began: dict[int, float] = {}  # step index -> time.monotonic() when this process started it
 
     @classmethod
     def new(
@@ -221,6 +222,7 @@ class Sidecar:
             # Left running by a crash (kill -9, power loss): that attempt ended without a word.
             record_attempt(entry, "interrupted", is_crash=True)
         entry.update(state="running", started=now_iso())
+        self._step_began[index] = time.monotonic()
         # What the last attempt reported is not this one's: a fresh attempt starts without progress.
         for stale in ("finished", "error", "progress", "waiting", "bytes", "duration_s"):
             entry.pop(stale, None)
@@ -228,6 +230,11 @@ class Sidecar:
                         error=None)  # fmt: skip
         self.write()
         return entry
+
+    def _elapsed(self, index: int) -> float | None:
+        """Seconds since this process started the step's current attempt (monotonic), None if it did not."""
+        began = self._step_began.pop(index, None)
+        return None if began is None else time.monotonic() - began
 
     def step_done(self, index: int, result: dict[str, Any], *, payload: list[str] | None, extras: list[str],
                   fields: dict[str, Any]) -> None:  # fmt: skip
@@ -239,7 +246,7 @@ class Sidecar:
         self.doc["fields"].update(fields)
         entry = self.step_entry(index)
         entry.update(state="done", finished=now_iso(), result=result)
-        record = record_attempt(entry, "done")
+        record = record_attempt(entry, "done", elapsed=self._elapsed(index))
         entry.update({k: record[k] for k in ("bytes", "duration_s") if k in record})
         for transient in ("progress", "waiting", "checkpoint"):
             entry.pop(transient, None)
@@ -256,7 +263,7 @@ class Sidecar:
         if index is not None:
             entry = self.step_entry(index)
             if entry.get("state") == "running":
-                record_attempt(entry, "interrupted")
+                record_attempt(entry, "interrupted", elapsed=self._elapsed(index))
             entry["state"] = "interrupted"
         self.doc["state"] = "queued"
         self.write()
@@ -266,7 +273,7 @@ class Sidecar:
         if index is not None:
             entry = self.step_entry(index)
             entry.update(finished=now_iso(), error=error)
-            record_attempt(entry, "retrying")
+            record_attempt(entry, "retrying", elapsed=self._elapsed(index))
             entry.update(state="retrying", attempt=next_attempt)
         self.write()
 
@@ -277,7 +284,7 @@ class Sidecar:
             was_running = entry.get("state") in ("running", "waiting")
             entry.update(state="failed", error=error, finished=now_iso())
             if was_running:
-                record_attempt(entry, "failed")
+                record_attempt(entry, "failed", elapsed=self._elapsed(index))
         self.write()
 
     def rejected(self, reason: str) -> None:

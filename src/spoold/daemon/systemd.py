@@ -9,6 +9,8 @@ import time
 
 log = logging.getLogger(__name__)
 
+SEND_TIMEOUT_SECONDS = 2.0
+
 
 class Notifier:
     """Speaks the sd_notify datagram protocol on `$NOTIFY_SOCKET`, read when created."""
@@ -20,6 +22,8 @@ class Notifier:
         self._socket: socket.socket | None = None
         if self._address:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Bounded: a receiver that stops reading (its queue holds ~10 datagrams) must not stall the loop.
+            self._socket.setblocking(False)
         self.watchdog_interval_seconds = self._watchdog_interval()
         self._last_status = ""
 
@@ -36,12 +40,21 @@ class Notifier:
     def is_enabled(self) -> bool:
         return self._socket is not None
 
-    def send(self, *assignments: str) -> bool:
-        """True when the datagram went out (systemd may still ignore it)."""
+    def send(self, *assignments: str, wait: bool = True) -> bool:
+        """True when the datagram went out (systemd may still ignore it); `wait=False` never blocks."""
         if self._socket is None:
             return False
+        data, deadline = "\n".join(assignments).encode(), time.monotonic() + SEND_TIMEOUT_SECONDS
         try:
-            self._socket.sendto("\n".join(assignments).encode(), self._address)
+            while True:
+                try:
+                    self._socket.sendto(data, self._address)
+                    break
+                except BlockingIOError:
+                    # The receiver's queue is full. (poll() cannot tell when an unconnected socket may send.)
+                    if not wait or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
         except OSError as exc:
             log.debug("sd_notify failed: %s", exc)
             return False
@@ -52,7 +65,7 @@ class Notifier:
 
     def status(self, text: str) -> None:
         # Remembered only once sent: a summary lost to a busy socket goes out again on the next tick.
-        if text != self._last_status and self.send(f"STATUS={text}"):
+        if text != self._last_status and self.send(f"STATUS={text}", wait=False):
             self._last_status = text
 
     def watchdog(self) -> None:

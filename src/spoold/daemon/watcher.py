@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from watchdog.events import (
     DirCreatedEvent,
+    DirDeletedEvent,
     DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -30,8 +32,9 @@ log = logging.getLogger(__name__)
 
 # watchdog reports a move from outside the watched tree as a created event, so created events
 # must pass the filter; the kernel mask below keeps plain IN_CREATE out of non-recursive watches.
+# DirDeletedEvent: the watched inbox itself went (IN_DELETE_SELF); watchdog then stops that watch for good.
 EVENT_FILTER: list[type[FileSystemEvent]] = [FileClosedEvent, FileMovedEvent, DirMovedEvent, FileCreatedEvent,
-                                             DirCreatedEvent]  # fmt: skip
+                                             DirCreatedEvent, DirDeletedEvent]  # fmt: skip
 _OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
 # watchdog warns, with the whole watch table in the message, whenever a recursive watch re-adds a folder it
 # already watches (a bundle renamed within the inbox): harmless, and megabytes of log for a deep tree.
@@ -86,10 +89,14 @@ class _CompletionObserver(BaseObserver):
 
 
 class _Forwarder(FileSystemEventHandler):
-    def __init__(self, notify: Callable[[Path, bool], None]) -> None:
+    def __init__(self, notify: Callable[[Path, bool], None], on_gone: Callable[[Path], None]) -> None:
         self.notify = notify
+        self.on_gone = on_gone
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, DirDeletedEvent):
+            self.on_gone(Path(os.fsdecode(event.src_path)))
+            return
         path = event.dest_path if isinstance(event, (FileMovedEvent, DirMovedEvent)) else event.src_path
         # A created event may be a file still being written (or one moved in from outside the tree): not landed.
         is_landed = isinstance(event, (FileClosedEvent, FileMovedEvent))
@@ -117,16 +124,36 @@ class InboxWatcher:
     def __init__(self, notify: Callable[[Path, bool], None], on_overflow: Callable[[], None]) -> None:
         self._observer = _CompletionObserver()
         self._observer.inotify_fd.on_lost = on_overflow
-        self._forwarder = _Forwarder(notify)
+        self._forwarder = _Forwarder(notify, self._gone)
         self._overflow = _OverflowDetector(on_overflow)
+        self._on_lost = on_overflow
         self._watches: dict[Path, ObservedWatch] = {}
+        self._dead: set[Path] = set()  # inboxes removed while watched: watched again by the next `watch`
+        self._lock = threading.Lock()
+
+    def _gone(self, path: Path) -> None:
+        """A watched inbox was removed (a producer's `rm -rf`): its watch is dead; rescan (which recreates
+        the folder and watches it again) at once."""
+        with self._lock:
+            if path not in self._watches:
+                return
+            self._dead.add(path)
+        log.warning("inbox %s was removed; it is made and watched again", path)
+        self._on_lost()
 
     def watch(self, inbox: Path, *, recursive: bool = False, creates: bool = False) -> None:
-        """Watch `inbox`; `creates` also reports entries created in it (a folder a producer fills in place)."""
-        if inbox not in self._watches:
-            event_filter = [*EVENT_FILTER, _WithCreates] if creates else EVENT_FILTER
-            self._watches[inbox] = self._observer.schedule(self._forwarder, str(inbox), recursive=recursive,
-                                                           event_filter=event_filter)  # fmt: skip
+        """Watch `inbox` (again, if it was removed since); `creates` also reports entries created in it (a
+        folder a producer fills in place)."""
+        with self._lock:
+            if inbox in self._watches and inbox not in self._dead:
+                return
+        if inbox in self._watches:
+            self.unwatch(inbox)
+        event_filter = [*EVENT_FILTER, _WithCreates] if creates else EVENT_FILTER
+        self._watches[inbox] = self._observer.schedule(self._forwarder, str(inbox), recursive=recursive,
+                                                       event_filter=event_filter)  # fmt: skip
+        with self._lock:
+            self._dead.discard(inbox)
 
     def unwatch(self, inbox: Path) -> None:
         watch = self._watches.pop(inbox, None)

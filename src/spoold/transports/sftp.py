@@ -53,6 +53,7 @@ from spoold.transports.sftp_tree import (
     rmtree,
 )
 from spoold.transports.ssh_connect import connect, open_sftp
+from spoold.transports.stall import StallWatch
 
 log = logging.getLogger("spoold.sftp")
 # paramiko logs every connection and authentication at INFO; the daemon's log keeps only its problems.
@@ -233,17 +234,22 @@ class SftpTransport(Transport):
             ctx.save_checkpoint()
             piece = ctx.chunk_bytes(CHUNK_BYTES)
             done = offset
+            watch = StallWatch(client.get_channel().get_transport(), self._io_timeout)
             try:
-                with client.open(remote, "r+b" if offset else "wb") as writer:
+                with watch, client.open(remote, "r+b" if offset else "wb") as writer:
                     writer.MAX_REQUEST_SIZE = REQUEST_BYTES
                     writer.set_pipelined(True)
                     writer.seek(offset)
                     saved, saved_at = offset, time.monotonic()
                     ctx.progress(base + done, base + size)
                     while chunk := reader.read(piece):
+                        watch.pause()
                         ctx.pace(len(chunk))  # the caps, and a stop noticed within one piece
+                        watch.touch()
                         hasher.update(chunk)
-                        writer.write(chunk)
+                        for start in range(0, len(chunk), REQUEST_BYTES):  # one request each: the watch sees it
+                            writer.write(chunk[start : start + REQUEST_BYTES])
+                            watch.touch()
                         done += len(chunk)
                         ctx.progress(base + done, base + size)
                         if done - saved >= CHECKPOINT_EVERY_BYTES or time.monotonic() - saved_at >= \
@@ -255,6 +261,10 @@ class SftpTransport(Transport):
                 # Closing the file waited for the pipelined writes: the far side holds `done` bytes now.
                 ctx.checkpoint["offset"] = done
                 ctx.save_checkpoint()
+                raise
+            except (EOFError, OSError, paramiko.SSHException):
+                if watch.fired:
+                    raise TimeoutError(f"no progress for {self._io_timeout:g}s") from None
                 raise
         return size, hasher.hexdigest()
 
