@@ -119,3 +119,18 @@ def test_low_disk_pauses_intake_within_about_a_second(tmp_path: Path, write_conf
 
     wait_for(paused, 5, "intake paused")
     assert time.monotonic() - started < 2.5  # was up to 5 s plus the health write
+
+
+def test_intake_pauses_for_a_read_only_spool_and_for_lack_of_inodes() -> None:
+    from spoold.daemon.health import NodeStatus
+    from spoold.daemon.layout import MIN_FREE_INODES, DiskState
+
+    assert DiskState(10 << 30, 10_000, is_read_only=False).pause_reason(1 << 30) is None
+    assert "below min_free" in (DiskState(1 << 20, 10_000, is_read_only=False).pause_reason(1 << 30) or "")
+    assert "inodes" in (DiskState(10 << 30, MIN_FREE_INODES - 1, is_read_only=False).pause_reason(1 << 30) or "")
+    assert DiskState(10 << 30, None, is_read_only=False).pause_reason(1 << 30) is None  # no inode table (btrfs)
+    reason = DiskState(10 << 30, 10_000, is_read_only=True).pause_reason(1 << 30)
+    assert reason is not None and "read-only" in reason
+    status = NodeStatus("2026-12-01T00:00:00.000Z", {}, 10 << 30, 1 << 30, True, True, None, Path("/s"), reason)
+    assert status.status_line().endswith("disk unusable (the spool's filesystem is read-only), intake paused")
+    assert status.health_document()["disk"]["/s"]["paused_because"] == reason

@@ -52,6 +52,7 @@ class NodeStatus:
     is_ready: bool
     last_error: dict[str, Any] | None
     spool: Path
+    pause_reason: str | None = None
 
     def totals(self) -> dict[str, int]:
         totals = dict.fromkeys(STATES, 0)
@@ -66,7 +67,11 @@ class NodeStatus:
         line = f"{t['running']} running, {t['queued'] + t['retrying']} queued, {t['failed']} failed"
         if t["waiting"]:
             line = f"{t['running']} running, {t['waiting']} waiting, " + line.split(", ", 1)[1]
-        disk = "disk ok" if not self.is_intake_paused else f"disk low ({_gib(self.free_bytes)} free), intake paused"
+        disk = "disk ok"
+        if self.is_intake_paused:
+            low = self.pause_reason is None or self.pause_reason.startswith("free space")
+            disk = f"disk low ({_gib(self.free_bytes)} free)" if low else f"disk unusable ({self.pause_reason})"
+            disk += ", intake paused"
         return f"{line}, {disk}"
 
     def health_document(self) -> dict[str, Any]:
@@ -79,7 +84,8 @@ class NodeStatus:
             "ready": self.is_ready,
             "queues": {name: dict(by_state) for name, by_state in self.counts.items()},
             "disk": {
-                str(self.spool): {"free_bytes": self.free_bytes, "min_free_bytes": self.min_free_bytes},
+                str(self.spool): {"free_bytes": self.free_bytes, "min_free_bytes": self.min_free_bytes,
+                                  "paused_because": self.pause_reason},
                 "intake_paused": self.is_intake_paused,
             },
             "status": self.status_line(),

@@ -16,6 +16,7 @@ becomes `foo.1.mp4`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import grp
 import hashlib
@@ -282,6 +283,35 @@ class SpoolLayout:
     def free_bytes(self) -> int:
         stats = os.statvfs(self.root)
         return stats.f_bavail * stats.f_frsize
+
+    def disk_state(self) -> DiskState:
+        stats = os.statvfs(self.root)
+        # Filesystems without an inode table (btrfs) report 0 files: no inode limit to judge.
+        free_inodes = stats.f_favail if stats.f_files else None
+        return DiskState(self.free_bytes(), free_inodes, bool(stats.f_flag & os.ST_RDONLY))
+
+
+# Fewer free inodes than this and an item (its folder, payload, sidecar, manifest) may not fit: pause intake.
+MIN_FREE_INODES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskState:
+    """The spool filesystem as the daemon last saw it."""
+
+    free_bytes: int
+    free_inodes: int | None
+    is_read_only: bool
+
+    def pause_reason(self, min_free_bytes: int) -> str | None:
+        """Why intake must pause now (SPEC section 7: below `min_free`; also no inodes, a read-only mount)."""
+        if self.is_read_only:
+            return "the spool's filesystem is read-only"
+        if self.free_bytes < min_free_bytes:
+            return f"free space {self.free_bytes} bytes is below min_free {min_free_bytes}"
+        if self.free_inodes is not None and self.free_inodes < MIN_FREE_INODES:
+            return f"only {self.free_inodes} free inodes"
+        return None
 
 
 _warned: set[str] = set()

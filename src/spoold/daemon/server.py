@@ -73,6 +73,7 @@ class Server:
         self.started = now_iso()
         self.is_ready = False
         self.is_intake_paused = False
+        self.pause_reason: str | None = None
         self.free_bytes = 0
         self._term_count = 0
         self._next = {"health": 0.0, "disk": 0.0, "rescan": 0.0, "watchdog": 0.0}
@@ -268,15 +269,16 @@ class Server:
     # ---- disk and health ---------------------------------------------------------------------------------------
 
     def _check_disk(self) -> None:
-        self.free_bytes = self.layout.free_bytes()
-        should_pause = self.free_bytes < self.config.min_free_bytes
-        if should_pause != self.is_intake_paused:
-            self.is_intake_paused = should_pause
-            if should_pause:
-                log.warning("free space %d bytes is below min_free %d: intake paused", self.free_bytes,
-                            self.config.min_free_bytes)  # fmt: skip
+        disk = self.layout.disk_state()
+        self.free_bytes = disk.free_bytes
+        reason = disk.pause_reason(self.config.min_free_bytes)
+        if reason != self.pause_reason:
+            if reason is not None:
+                log.warning("%s: intake paused", reason)
             else:
-                log.info("free space is back above min_free: intake resumed")
+                log.info("the spool's disk is usable again (%s): intake resumed", self.pause_reason)
+            self.pause_reason = reason
+            self.is_intake_paused = reason is not None
             self._next["health"] = 0.0
 
     def node_status(self) -> NodeStatus:
@@ -284,7 +286,7 @@ class Server:
         last_error = max(errors, key=lambda e: str(e.get("at", "")), default=None)
         return NodeStatus(self.started, {n: live_counts(b) for n, b in self.books.items()}, self.free_bytes,
                           self.config.min_free_bytes, self.is_intake_paused, self.is_ready, last_error,
-                          self.config.spool)  # fmt: skip
+                          self.config.spool, self.pause_reason)  # fmt: skip
 
     def _write_health(self) -> None:
         status = self.node_status()
