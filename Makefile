@@ -5,6 +5,16 @@ BIN    := $(VENV)/bin
 
 .PHONY: run test check lint types bench torture system-deps torture-deps clean
 
+# The Debian packages a recipe put in $$missing: installed with apt-get as root, else named (what needs them skips).
+APT_INSTALL_MISSING = if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "note: missing$$missing (what needs them is skipped; install them with apt-get)"; \
+	  fi; \
+	fi
+
 $(BIN)/spoold: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -36,14 +46,7 @@ system-deps:
 	command -v unzip >/dev/null 2>&1 || missing="$$missing unzip"; \
 	command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
 	command -v systemd-nspawn >/dev/null 2>&1 || missing="$$missing systemd-container"; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	  else \
-	    echo "note: missing$$missing (tests that need them are skipped; install them with apt-get)"; \
-	  fi; \
-	fi
+	$(APT_INSTALL_MISSING)
 
 ## Benchmarks: ratios against the reference tools, measured in the same run.
 bench: system-deps $(VENV)/.test-deps
@@ -57,14 +60,8 @@ torture: system-deps torture-deps $(VENV)/.test-deps
 torture-deps:
 	@missing=""; \
 	command -v faketime >/dev/null 2>&1 || missing="$$missing faketime"; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	  else \
-	    echo "note: missing$$missing (the torture cases that need them say so and are skipped)"; \
-	  fi; \
-	fi
+	command -v tc >/dev/null 2>&1 || [ -x /usr/sbin/tc ] || missing="$$missing iproute2"; \
+	$(APT_INSTALL_MISSING)
 
 clean:
 	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache
