@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.sshd import missing_reason, start_sshd  # noqa: E402
+from tests.transfer_samples import TransferSamples  # noqa: E402
 
 from bench.s3 import BUCKET, ENV, start_moto  # noqa: E402
 from spoold.ratelimit import Limiter, TokenBucket  # noqa: E402
@@ -40,35 +41,6 @@ MiB = 1 << 20
 RATES_MIB = (1, 8, 50)
 PIECE_BYTES = 128 * MiB
 
-
-class Samples:
-    """(monotonic time, bytes) points of one transfer."""
-
-    def __init__(self) -> None:
-        self.points: list[tuple[float, int]] = []
-        self.lock = threading.Lock()
-
-    def add(self, done: int, _total: int = 0) -> None:
-        with self.lock:
-            self.points.append((time.monotonic(), done))
-
-    def achieved_bps(self) -> float:
-        points = sorted(p for p in self.points if p[1] > 0)
-        # The first time the last count was seen: what follows it is the far side verifying, not the transfer.
-        last = min((p for p in points if p[1] == points[-1][1]), default=None) if points else None
-        if last is None or last[0] <= points[0][0]:
-            return float("nan")
-        # From the first piece that arrived to the last: the first piece is the bucket's burst, not paced.
-        return (last[1] - points[0][1]) / (last[0] - points[0][0])
-
-    def max_second_bytes(self) -> int:
-        points = sorted(self.points)
-        best, first = 0, 0
-        for last in range(len(points)):
-            while points[last][0] - points[first][0] > 1.0:
-                first += 1
-            best = max(best, points[last][1] - points[first][1])
-        return best
 
 
 def make_file(path: Path, size: int) -> None:
@@ -85,7 +57,7 @@ def context(rate: int, progress: Callable[[int, int], None]) -> TransferContext:
                            limiter=Limiter([TokenBucket(rate)]))  # fmt: skip
 
 
-def poll_size(path: Path, samples: Samples, stop: threading.Event) -> None:
+def poll_size(path: Path, samples: TransferSamples, stop: threading.Event) -> None:
     while not stop.wait(0.02):
         try:
             samples.add(path.stat().st_size)
@@ -93,8 +65,8 @@ def poll_size(path: Path, samples: Samples, stop: threading.Event) -> None:
             continue
 
 
-def one(name: str, rate: int, action: Callable[[TransferContext, Samples], None]) -> tuple[float, float]:
-    samples = Samples()
+def one(name: str, rate: int, action: Callable[[TransferContext, TransferSamples], None]) -> tuple[float, float]:
+    samples = TransferSamples()
     started = time.monotonic()
     action(context(rate, samples.add), samples)
     elapsed = time.monotonic() - started
@@ -124,7 +96,7 @@ def run_sftp(root: Path, rates: list[int], seconds: float) -> list[tuple[float, 
             make_file(source, int(rate * seconds))
             far = root / "far" / source.name
 
-            def upload(ctx: TransferContext, samples: Samples, source: Path = source, far: Path = far) -> None:
+            def upload(ctx: TransferContext, samples: TransferSamples, source: Path = source, far: Path = far) -> None:
                 ctx.progress = lambda _d, _t: None
                 stop = threading.Event()
                 poller = threading.Thread(target=poll_size, args=(far.with_name(f".{far.name}.spoold.part"),

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import wait_for
+
 CACHE = Path(os.environ.get("SPOOLD_TEST_CACHE", "/var/cache/spoold-test"))
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -40,15 +42,8 @@ def missing_tools() -> list[str]:
 
 
 def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Call `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    """`wait_for`, less often: most predicates here start a process in the container."""
+    return wait_for(predicate, timeout, what, interval=interval)
 
 
 def build_rootfs(log: Path) -> tuple[Path, float]:

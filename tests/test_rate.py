@@ -28,6 +28,7 @@ from spoold.transports.base import TransferContext, parse_url
 from tests.conftest import DaemonProcess, read_sidecar, sidecar_state, wait_for
 from tests.sshd import Sshd
 from tests.test_s3 import S3Server
+from tests.transfer_samples import TransferSamples
 
 Start = Callable[..., DaemonProcess]
 WriteConfig = Callable[[str], Path]
@@ -37,34 +38,14 @@ RATE = 4 * MiB
 EXPECTED_SECONDS = SIZE / RATE
 
 
-class Samples:
-    """(monotonic time, bytes done) as a transfer reports them, and the busiest second among them."""
 
-    def __init__(self) -> None:
-        self.points: list[tuple[float, int]] = []
-        self.lock = threading.Lock()
-
-    def progress(self, done: int, _total: int) -> None:
-        with self.lock:
-            self.points.append((time.monotonic(), done))
-
-    def max_second_bytes(self) -> int:
-        points = sorted(self.points)
-        best, first = 0, 0
-        for last in range(len(points)):
-            while points[last][0] - points[first][0] > 1.0:
-                first += 1
-            best = max(best, points[last][1] - points[first][1])
-        return best
-
-
-def capped(samples: Samples, checkpoint: dict[str, Any] | None = None, rate: int = RATE) -> TransferContext:
-    return TransferContext(progress=samples.progress, checkpoint={} if checkpoint is None else checkpoint,
+def capped(samples: TransferSamples, checkpoint: dict[str, Any] | None = None, rate: int = RATE) -> TransferContext:
+    return TransferContext(progress=samples.add, checkpoint={} if checkpoint is None else checkpoint,
                            save_checkpoint=lambda: None, check_stop=lambda: None,
                            limiter=Limiter([TokenBucket(rate)]))  # fmt: skip
 
 
-def assert_paced(seconds: float, samples: Samples | None = None) -> None:
+def assert_paced(seconds: float, samples: TransferSamples | None = None) -> None:
     assert abs(seconds - EXPECTED_SECONDS) <= 0.1 * EXPECTED_SECONDS, f"took {seconds:.2f}s, expected ~5s"
     if samples is not None and samples.points:
         assert samples.max_second_bytes() <= 2 * RATE, f"a second carried {samples.max_second_bytes()} bytes"
@@ -161,12 +142,12 @@ def test_sftp_upload_and_download_keep_to_the_cap(sshd: Sshd, tmp_path: Path, pa
     remote = tmp_path / "far" / "payload.bin"
     try:
         transport.stat(str(tmp_path))  # connected before the clock starts: the handshake is not the transfer
-        samples = Samples()
+        samples = TransferSamples()
         started = time.monotonic()
         transport.put_file(payload, str(remote), None, capped(samples))
         assert_paced(time.monotonic() - started, samples)
         assert remote.read_bytes() == payload.read_bytes()
-        samples = Samples()
+        samples = TransferSamples()
         (tmp_path / "back").mkdir()
         started = time.monotonic()
         transport.get_tree(str(remote), tmp_path / "back", capped(samples))
@@ -193,11 +174,11 @@ def test_s3_multipart_upload_and_ranged_download_keep_to_the_cap(moto: S3Server,
     transport = S3Transport(parse_url("s3://rated/"), {"endpoint_url": moto.endpoint, "part_size": 5 * MiB,
                                                        "concurrency": 4})  # fmt: skip
     try:
-        samples = Samples()
+        samples = TransferSamples()
         started = time.monotonic()
         transport.put_file(payload, "payload.bin", None, capped(samples))
         assert_paced(time.monotonic() - started, samples)
-        samples = Samples()
+        samples = TransferSamples()
         (tmp_path / "back").mkdir()
         started = time.monotonic()
         transport.get_tree("payload.bin", tmp_path / "back", capped(samples))
@@ -211,7 +192,7 @@ def test_a_file_copy_keeps_to_the_cap(tmp_path: Path, payload: Path) -> None:
     from spoold.transports.local import LocalTransport
 
     transport = LocalTransport(parse_url(f"file://{tmp_path}/"), {})
-    samples = Samples()
+    samples = TransferSamples()
     started = time.monotonic()
     transport.put_file(payload, str(tmp_path / "copy.bin"), None, capped(samples))
     assert_paced(time.monotonic() - started, samples)
