@@ -17,6 +17,7 @@ from spoold.cache import Cache, CacheSpec
 from spoold.daemon.conditions import When, build_when
 from spoold.daemon.gatherspec import GatherSpec
 from spoold.daemon.remotes import RemoteSpec, check_remote_names, resolve_step_options
+from spoold.daemon.sharedspec import DEFAULT_POLL, ClaimSpec, SharedSource, shared_source
 from spoold.daemon.yamlfile import load_yaml
 from spoold.errors import ConfigError
 from spoold.handlers import HANDLERS, handler_class
@@ -109,10 +110,20 @@ class QueueSpec:
     limits: Limits = Limits()
     # Hold items until a group of them is whole, then run the chain once on the group (daemon/gather.py).
     gather: GatherSpec | None = None
+    # A shared queue: its inbox is an S3 prefix that several nodes serve (daemon/shared.py).
+    source: str | None = None
+    claim: ClaimSpec | None = None
+    poll: Seconds = DEFAULT_POLL
+    endpoint_url: str | None = None
+    region: str | None = None
+    credential: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 256:
             raise ValueError("concurrency must be between 1 and 256")
+        if self.source is None and (self.claim or self.endpoint_url or self.region or self.credential):
+            raise ValueError("claim, endpoint_url, region and credential belong to a shared queue "
+                             "(`source: s3://bucket/prefix/`)")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +158,8 @@ class Queue:
     spec: QueueSpec
     steps: tuple[Step, ...]
     fields_pattern: re.Pattern[str] | None
+    # Set when the queue's inbox is an S3 prefix shared with other nodes.
+    shared: SharedSource | None = None
 
     @property
     def starts_early(self) -> bool:
@@ -218,7 +231,7 @@ def parse_config(text: str, file: str) -> Config:
         if spec.cache is None and (user := next((s for s in steps if s.handler.uses_cache), None)):
             raise builder.error((*path, "chain", user.index, user.name, "cache"), "cache: true needs the top-level "
                                 "`cache: {path, max}` (where the cache lives and how large it may grow)")  # fmt: skip
-        queues[name] = Queue(name, queue_spec, steps, pattern)
+        queues[name] = Queue(name, queue_spec, steps, pattern, _shared(builder, queue_spec, path))
     return Config(
         source=file,
         spool=Path(spec.spool),
@@ -232,6 +245,18 @@ def parse_config(text: str, file: str) -> Config:
         cache=Cache.from_spec(spec.cache) if spec.cache else None,
         rate_bps=int(spec.rate) if spec.rate else None,
     )
+
+
+def _shared(builder: Builder, spec: QueueSpec, path: YamlPath) -> SharedSource | None:
+    if spec.source is None:
+        return None
+    if spec.gather is not None:
+        raise builder.error((*path, "gather"), "a shared queue cannot gather: its items are held by many nodes")
+    settings = {"endpoint_url": spec.endpoint_url, "region": spec.region, "credential": spec.credential}
+    try:
+        return shared_source(spec.source, spec.claim, float(spec.poll), settings)
+    except ValueError as exc:
+        raise builder.error((*path, "source"), str(exc)) from None
 
 
 def _build_chain(

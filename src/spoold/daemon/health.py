@@ -53,6 +53,8 @@ class NodeStatus:
     last_error: dict[str, Any] | None
     spool: Path
     pause_reason: str | None = None
+    # Per shared queue: its source, this node's name, the items it holds, and its claims counted by result.
+    shared: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def totals(self) -> dict[str, int]:
         totals = dict.fromkeys(STATES, 0)
@@ -90,6 +92,7 @@ class NodeStatus:
             },
             "status": self.status_line(),
             "last_error": self.last_error,
+            **({"shared": self.shared} if self.shared else {}),
         }
 
     def metrics_text(self, metrics: Metrics | None = None) -> str:
@@ -104,6 +107,15 @@ class NodeStatus:
                     [f"spoold_intake_paused {int(self.is_intake_paused)}"]),
             *family("spoold_ready", "gauge", "1 once the first scan is done.", [f"spoold_ready {int(self.is_ready)}"]),
         ]  # fmt: skip
+        if self.shared:
+            shared = sorted(self.shared.items())
+            lines += [
+                *family("spoold_claims_total", "counter", "Claims on shared items by result, since spoold started.",
+                        (f"spoold_claims_total{labels(queue=q, result=r)} {n}"
+                         for q, info in shared for r, n in sorted(info["claims"].items()))),
+                *family("spoold_shared_items", "gauge", "Items of a shared queue that this node holds now.",
+                        (f"spoold_shared_items{labels(queue=q)} {info['held']}" for q, info in shared)),
+            ]  # fmt: skip
         if metrics is not None:
             lines += metrics.lines()
         return redact("\n".join(lines)) + "\n"

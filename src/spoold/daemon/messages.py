@@ -35,6 +35,14 @@ class EventsLost:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClaimLost:
+    """A shared queue's claim on a local item is gone (another node has it): stop the item and drop it here."""
+
+    queue: str
+    item: str
+
+
+@dataclasses.dataclass(frozen=True)
 class SignalReceived:
     signum: int
 
@@ -79,4 +87,4 @@ class ItemAdopted:
     item: str
 
 
-Message = PathEvent | EventsLost | SignalReceived | StateChanged | StepEnded | ItemFinished | ItemAdopted
+Message = PathEvent | EventsLost | SignalReceived | StateChanged | StepEnded | ItemFinished | ItemAdopted | ClaimLost

@@ -8,7 +8,9 @@ thread of its own, so a new `concurrency` applies at the next dispatch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -57,6 +59,9 @@ class QueueBook:
         # Members of a `gather:` queue wait there for their group instead of running the chain.
         self.gathering = Gathering(config, queue, folders)
         self.on_ended: OnEnded = _not_counted
+        # One stop per running item: `stop` sets them all, `revoke` one (a shared queue's claim was lost).
+        self._item_stops: dict[str, threading.Event] = {}
+        self.revoked: set[str] = set()
 
     @property
     def name(self) -> str:
@@ -129,8 +134,13 @@ class QueueBook:
     def rescan(self, now: float) -> None:
         """The periodic look at everything: vanished arrivals, the inbox, work/ behind our back, retention."""
         self.check_still_there()
-        self.intake.scan(now)
+        self.scan_inbox(now)
         self.pick_up()
+
+    def scan_inbox(self, now: float) -> None:
+        # A shared queue's inbox is in the store: items reach work/ only through a claim (daemon/shared.py).
+        if self.queue.shared is None:
+            self.intake.scan(now)
 
     def pick_up(self) -> None:
         known = set(self.sidecars) | set(self.running)
@@ -138,6 +148,8 @@ class QueueBook:
             self.track(sidecar)
 
     def take_arrivals(self, now: float) -> None:
+        if self.queue.shared is not None:
+            return
         for arrival in self.intake.due(now):
             try:
                 self.on_arrival(arrival)
@@ -237,9 +249,40 @@ class QueueBook:
                 continue
             self.running[name] = start_worker(self, sidecar, self.arriving.get(name))
 
+    def item_stop(self, item: str) -> threading.Event:
+        """What stops one running item: set for all by `stop`, for one by `revoke`."""
+        event = self._item_stops.get(item)
+        if event is None:
+            event = self._item_stops[item] = threading.Event()
+            if self.stop_event.is_set():
+                event.set()
+        return event
+
+    def revoke(self, item: str) -> None:
+        """This node no longer holds the shared item: stop it at its next checkpoint, then drop it here."""
+        if item in self.running:
+            self.revoked.add(item)
+            self.item_stop(item).set()
+        else:
+            self._drop(item)
+
+    def _drop(self, item: str) -> None:
+        self.revoked.discard(item)
+        self.forget(item)
+        if item in self.pending:
+            self.pending.remove(item)
+        arriving.drop_files(self.folders, item)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.folders.sidecar_path(item))
+
     def finished(self, item: str, outcome: Outcome) -> None:
         """A worker is done with `item` for now: record the outcome and move the item where it belongs."""
         self.running.pop(item, None)
+        self._item_stops.pop(item, None)
+        if item in self.revoked:
+            log.info("%s/%s: stopped and dropped: another node holds it now", self.name, item)
+            self._drop(item)
+            return
         early = self.arriving.get(item)
         if early is not None and early.is_abandoned:
             self._discard(early)
@@ -303,6 +346,8 @@ class QueueBook:
     def stop(self) -> None:
         """Running steps checkpoint and end (the daemon is stopping)."""
         self.stop_event.set()
+        for event in self._item_stops.values():
+            event.set()
         for item in self.arriving.values():
             item.wake()
 

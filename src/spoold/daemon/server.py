@@ -23,6 +23,7 @@ from spoold.daemon.health import NodeStatus, live_counts, write_health
 from spoold.daemon.layout import SpoolLayout
 from spoold.daemon.logs import about
 from spoold.daemon.messages import (
+    ClaimLost,
     EventsLost,
     ItemAdopted,
     ItemFinished,
@@ -36,6 +37,7 @@ from spoold.daemon.metrics import Metrics
 from spoold.daemon.queues import QueueBook
 from spoold.daemon.retention import prune
 from spoold.daemon.runner import ItemRunner
+from spoold.daemon.shared import SharedQueue
 from spoold.daemon.sidecar import Sidecar
 from spoold.daemon.systemd import Notifier
 from spoold.daemon.walls import about_message, describe, guarded, log_failure
@@ -67,6 +69,8 @@ class Server:
         self.watcher = InboxWatcher(lambda path, is_landed: self.messages.put(PathEvent(path, is_landed)),
                                     lambda: self.messages.put(EventsLost()))  # fmt: skip
         self.books: dict[str, QueueBook] = {}
+        # The queues whose inbox is an S3 prefix shared with other nodes, by queue name.
+        self.shared: dict[str, SharedQueue] = {}
         self.metrics = Metrics()
         # Queues removed from the config whose items still run; they finish or checkpoint, then go.
         self.retiring: dict[str, QueueBook] = {}
@@ -95,12 +99,16 @@ class Server:
         self._check_disk()
         for name, queue in self.config.queues.items():
             self._watch(self._add_book(name, queue))
+        for queue in self.config.queues.values():
+            if queue.shared is not None:
+                # Before recovery: only the items whose claims this node still holds may run.
+                self._start_shared(queue)
         for book in self.books.values():
             guarded(f"recovering queue {book.name}", book.recover)
         self.watcher.start()
         now = time.monotonic()
         for book in self.books.values():
-            book.intake.scan(now)
+            book.scan_inbox(now)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, lambda number, _frame: self.messages.put(SignalReceived(number)))
         # Intake takes a read lease for an instant to tell a file still open for writing; a producer opening
@@ -119,7 +127,15 @@ class Server:
         self.books[name] = book
         return book
 
+    def _start_shared(self, queue: Queue) -> None:
+        agent = SharedQueue(self.config, queue, self.layout.queues[queue.name], self.messages.put,
+                            lambda: not (self.is_intake_paused or self.is_stopping))  # fmt: skip
+        agent.start_up()
+        self.shared[queue.name] = agent
+
     def _watch(self, book: QueueBook) -> None:
+        if book.queue.shared is not None:
+            return  # its inbox is in the store
         spec = book.queue.spec
         # A first step that reads frames while they land needs events from inside the bundle. Settling needs
         # only to see the folder appear: intake compares the whole tree's signature every settle period, and
@@ -172,17 +188,26 @@ class Server:
                     holder.set_state(item, state)
             case StepEnded():
                 self.metrics.step_ended(message)
-            case ItemFinished(queue, item, outcome):
-                holder = self._book(queue)
-                if holder is not None:
-                    holder.finished(item, outcome)
-                    self._retire_if_idle(holder)
+            case ItemFinished():
+                self._item_finished(message)
             case ItemAdopted(queue, item):
                 if (target := self.books.get(queue)) is not None:
                     target.adopt(item)
+            case ClaimLost(queue, item):
+                if (holder := self._book(queue)) is not None:
+                    holder.revoke(item)
             case SignalReceived(signum):
                 return self._on_signal(signum)
         return False
+
+    def _item_finished(self, message: ItemFinished) -> None:
+        holder = self._book(message.queue)
+        if holder is None:
+            return
+        holder.finished(message.item, message.outcome)
+        self._retire_if_idle(holder)
+        if (agent := self.shared.get(message.queue)) is not None:
+            agent.item_finished(message.item, Sidecar.load(holder.folders.sidecar_path(message.item)))
 
     def _on_signal(self, signum: int) -> bool:
         if signum == signal.SIGHUP:
@@ -192,6 +217,8 @@ class Server:
             # `spoold retry` moved items back into work/.
             for book in self.books.values():
                 guarded(f"picking up items of queue {book.name}", book.pick_up)
+            for agent in self.shared.values():
+                agent.poll_now()
             return False
         self._term_count += 1
         if self._term_count > 1:
@@ -210,6 +237,7 @@ class Server:
             for book in self.books.values():
                 if (deadline := book.next_deadline(self.is_intake_paused)) is not None:
                     deadlines.append(deadline)
+        deadlines += [d for agent in self.shared.values() if (d := agent.next_deadline()) is not None]
         return min(deadlines)
 
     def _tick(self, now: float) -> None:
@@ -227,6 +255,10 @@ class Server:
                     guarded(f"rescanning queue {book.name}", functools.partial(book.rescan, now))
                     guarded(f"pruning queue {book.name}", functools.partial(prune, book.queue, book.folders,
                                                                             book.forget))  # fmt: skip
+        for name, agent in self.shared.items():
+            if (holder := self._book(name)) is not None:
+                for item in agent.expire(now):
+                    holder.revoke(item)
         if not self.is_stopping:
             for book in self.books.values():
                 with about(book.name):
@@ -248,7 +280,8 @@ class Server:
 
     def _start_worker(self, book: QueueBook, sidecar: Sidecar, arriving: ArrivingItem | None) -> threading.Thread:
         runner = ItemRunner(self.config, self.layout, book.queue, sidecar, transports=self.transports,
-                            stop_event=book.stop_event, post=self.messages.put, arriving=arriving)  # fmt: skip
+                            stop_event=book.item_stop(sidecar.name), post=self.messages.put,
+                            arriving=arriving)  # fmt: skip
         thread = threading.Thread(target=runner.run_and_report, name=f"{book.name}/{sidecar.name}")
         thread.start()
         return thread
@@ -286,7 +319,8 @@ class Server:
         last_error = max(errors, key=lambda e: str(e.get("at", "")), default=None)
         return NodeStatus(self.started, {n: live_counts(b) for n, b in self.books.items()}, self.free_bytes,
                           self.config.min_free_bytes, self.is_intake_paused, self.is_ready, last_error,
-                          self.config.spool, self.pause_reason)  # fmt: skip
+                          self.config.spool, self.pause_reason,
+                          {name: agent.snapshot() for name, agent in self.shared.items()})  # fmt: skip
 
     def _write_health(self) -> None:
         status = self.node_status()
@@ -327,11 +361,15 @@ class Server:
                 book = self._add_book(name, queue)
                 guarded(f"watching queue {name}", functools.partial(self._watch, book))
                 guarded(f"recovering queue {name}", book.recover)
-                guarded(f"scanning queue {name}", functools.partial(book.intake.scan, now))
+                if queue.shared is not None:
+                    guarded(f"sharing queue {name}", functools.partial(self._start_shared, queue))
+                guarded(f"scanning queue {name}", functools.partial(book.scan_inbox, now))
         for name in [n for n in self.books if n not in new.queues]:
             log.warning("queue %s was removed from the config; its items stay on disk", name)
             book = self.books.pop(name)
             book.close()
+            if (agent := self.shared.pop(name, None)) is not None:
+                agent.stop()
             guarded(f"unwatching queue {name}", functools.partial(self.watcher.unwatch, book.folders.inbox))
             if book.running:
                 self.retiring[name] = book
@@ -348,6 +386,8 @@ class Server:
             for book in self._all_books():
                 for thread in list(book.running.values()):
                     thread.join()
+        for agent in self.shared.values():
+            agent.stop()
         self.transports.close()
         self.is_ready = False
         guarded("writing health.json", self._write_health)

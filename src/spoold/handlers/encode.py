@@ -47,6 +47,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import IO, Literal
 
+from spoold.children import DEATH_SIGNAL
 from spoold.errors import Interrupted, PermanentError, StepError, TransientError
 from spoold.frames import LISTING_SECONDS, ArrivingFolders, Camera, FrameStream, plan_cameras
 from spoold.handlers.base import ArrivingBundle, Handler, StepContext, StepResult
@@ -57,11 +58,6 @@ POLL_SECONDS = 0.25
 STDERR_TAIL_CHARS = 2000
 _MUXERS = {"mp4": "mp4", "mov": "mov", "mkv": "matroska"}
 _PROGRESS_FRAME = re.compile(rb"frame=(\d+)")
-# After `kill -9` of the daemon an orphaned ffmpeg would go on encoding the frames it buffered, into a file
-# nobody reads, while the restarted daemon encodes again; where util-linux's setpriv exists, the kernel
-# kills it with its parent (preexec_fn cannot do this safely in a threaded daemon).
-_SETPRIV = shutil.which("setpriv")
-_DEATH_SIGNAL = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +292,7 @@ class CameraJob:
         self.stream = stream
         self.output = work / f"{name}.video.tmp"
         self.progress_path = work / f"{name}.progress"
-        self.argv = [*_DEATH_SIGNAL, argv[0], "-progress", str(self.progress_path), *argv[1:], str(self.output)]
+        self.argv = [*DEATH_SIGNAL, argv[0], "-progress", str(self.progress_path), *argv[1:], str(self.output)]
         self.wake = wake
         self.error: StepError | None = None
         self.returncode = 0
@@ -312,7 +308,7 @@ class CameraJob:
         except OSError as exc:
             self._stderr.close()
             self.stream.close()
-            raise PermanentError(f"cannot run {self.argv[len(_DEATH_SIGNAL)]}: {exc.strerror}") from None
+            raise PermanentError(f"cannot run {self.argv[len(DEATH_SIGNAL)]}: {exc.strerror}") from None
         self._thread.start()
 
     def is_finished(self) -> bool:

@@ -30,6 +30,7 @@ import tempfile
 import time
 from typing import Any
 
+from spoold.children import dying_with_daemon
 from spoold.errors import Interrupted, PermanentError, TransientError
 from spoold.handlers.base import Handler, StepContext, StepResult
 from spoold.handlers.remote_exec import RemoteJob, check_remote
@@ -113,8 +114,9 @@ class Exec(Handler[ExecOptions]):
         cwd = ctx.item_dir / ctx.render(self.options.cwd) if self.options.cwd else ctx.item_dir
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
-                process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                           stderr=err, start_new_session=True)  # fmt: skip
+                process = subprocess.Popen(dying_with_daemon(argv, env.get("PATH"), cwd), cwd=cwd, env=env,
+                                           stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                           start_new_session=True)  # fmt: skip
             except OSError as exc:
                 raise PermanentError(f"cannot run {argv[0]}: {exc.strerror}") from None
             code = self._wait(ctx, process, argv[0])

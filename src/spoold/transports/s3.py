@@ -34,8 +34,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-import boto3
-import botocore.config
 import botocore.exceptions
 
 from spoold.cache import Cache
@@ -43,7 +41,7 @@ from spoold.digest import hash_file
 from spoold.errors import ChecksumMismatch, PermanentError, TransientError
 from spoold.transports import s3_documents
 from spoold.transports.base import Delivered, ParsedUrl, RemoteEntry, TransferContext, Transport, TreeLimits, glob_regex
-from spoold.transports.s3_credentials import session_credentials
+from spoold.transports.s3_credentials import s3_client
 from spoold.transports.s3_download import S3Download
 from spoold.transports.s3_errors import b64sha256 as _b64sha
 from spoold.transports.s3_errors import error_code as _code
@@ -78,17 +76,8 @@ class S3Transport(Transport):
         self.bucket = url.host
         self.part_size = int(settings.get("part_size") or 64 << 20)
         self.concurrency = int(settings.get("concurrency") or 4)
-        timeout = float(settings.get("connect_timeout") or 30)
-        config = botocore.config.Config(
-            connect_timeout=timeout, read_timeout=120, max_pool_connections=self.concurrency + 2,
-            retries={"max_attempts": 3, "mode": "standard"},
-        )  # fmt: skip
         with _mapped(f"s3://{self.bucket}"):
-            session = boto3.session.Session(**session_credentials(settings.get("credential")))
-            self.client: Any = session.client(
-                "s3", endpoint_url=settings.get("endpoint_url") or None, region_name=settings.get("region") or None,
-                config=config,
-            )  # fmt: skip
+            self.client: Any = s3_client(settings, self.concurrency + 2)
         enable_pacing(self.client)
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""S3 credentials from a systemd credential, for `ship: {credential: NAME}`.
+"""S3 clients, and credentials from a systemd credential, for `ship: {credential: NAME}`.
 
 The file `$CREDENTIALS_DIRECTORY/NAME` (systemd `LoadCredential=`) holds either
 one line `ACCESS_KEY_ID:SECRET_KEY` (optionally `:SESSION_TOKEN`) or an AWS
@@ -10,6 +10,11 @@ role). The secret and token are registered with `spoold.redact` as soon as read.
 from __future__ import annotations
 
 import configparser
+from collections.abc import Mapping
+from typing import Any
+
+import boto3
+import botocore.config
 
 from spoold.errors import PermanentError
 from spoold.redact import register_secret
@@ -47,3 +52,15 @@ def session_credentials(name: str | None) -> dict[str, str]:
     if token:
         found["aws_session_token"] = token
     return found
+
+
+def s3_client(settings: Mapping[str, Any], pool: int, read_timeout: float = 120) -> Any:
+    """A boto3 S3 client for a step's or a queue's settings (`endpoint_url`, `region`, `credential`, ...)."""
+    config = botocore.config.Config(
+        connect_timeout=float(settings.get("connect_timeout") or 30),
+        read_timeout=float(settings.get("read_timeout") or read_timeout),
+        max_pool_connections=pool, retries={"max_attempts": 3, "mode": "standard"},
+    )  # fmt: skip
+    session = boto3.session.Session(**session_credentials(settings.get("credential")))
+    return session.client("s3", endpoint_url=settings.get("endpoint_url") or None,
+                          region_name=settings.get("region") or None, config=config)  # fmt: skip

@@ -1,0 +1,427 @@
+"""A shared queue on this node: its inbox is an S3 prefix that every node naming it serves.
+
+Each item is held by exactly one node at a time, through a claim object in the
+store (`<prefix>claims/<name>.json`): created with `If-None-Match: *`, renewed
+with `If-Match` on its ETag every third of the lease, and taken over by another
+node with `If-Match` on the stale ETag once the store's own clock says the lease
+has run out (the reply's `Date` minus the claim's `Last-Modified`). A holder
+counts its lease from the moment it sent the last write that succeeded and gives
+the item up a quarter of a lease before that runs out, so by the time another
+node may take it, the holder has stopped; the main loop checks those deadlines
+every tick, without waiting on the store. A lost claim stops the item at its
+next checkpoint and drops it from this node.
+
+This node's part: one thread lists the inbox every `poll` (and at once after
+`spoold retry`), claims what the queue has room for, renews, and mirrors the
+sidecars of running items to `<prefix>status/`; a small pool downloads claimed
+items into work/ and, when the chain has ended, writes the final status, moves
+the item to `done/` or `failed/` and deletes the claim. The main loop learns of
+new items (`ItemAdopted`) and lost ones (`ClaimLost`) by messages only.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from spoold.daemon import shared_items
+from spoold.daemon.config import Config, Queue
+from spoold.daemon.layout import QueueFolders
+from spoold.daemon.logs import about
+from spoold.daemon.messages import ClaimLost, ItemAdopted, Message
+from spoold.daemon.shared_items import ClaimRecords, Held, name_problem, new_claim
+from spoold.daemon.sidecar import Sidecar
+from spoold.errors import ConfigError, Interrupted, PermanentError, StepError
+from spoold.fsio import now_iso
+
+if TYPE_CHECKING:
+    from spoold.transports.s3_shared import InboxEntry, ShareStore
+
+log = logging.getLogger("spoold.shared")
+
+# A store whose `Date` and `Last-Modified` are whole seconds can read a fresh claim as up to a second old.
+STORE_CLOCK_SLACK = 1.0
+COUNTERS = ("won", "lost", "renewed", "taken_over")
+FINISH_TRIES = 8
+
+
+class SharedQueue:
+    def __init__(self, config: Config, queue: Queue, folders: QueueFolders, post: Callable[[Message], None],
+                 may_claim: Callable[[], bool]) -> None:  # fmt: skip
+        assert queue.shared is not None
+        self.config, self.queue, self.folders = config, queue, folders
+        self.source = queue.shared
+        self.node = config.host
+        self.post = post
+        self.may_claim = may_claim
+        self.records = ClaimRecords(folders)
+        self.lock = threading.Lock()
+        self.held: dict[str, Held] = {}
+        self.counts = dict.fromkeys(COUNTERS, 0)
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.is_probed = False
+        self.store: ShareStore | None = None
+        self.pool = ThreadPoolExecutor(max_workers=queue.spec.concurrency + 1, thread_name_prefix=f"{queue.name}/s3")
+        self.thread = threading.Thread(target=self._serve, name=f"{queue.name}/shared", daemon=True)
+
+    @property
+    def lease(self) -> float:
+        return self.source.lease_seconds
+
+    # ---- start and stop ------------------------------------------------------------------------------------
+
+    def start_up(self) -> None:
+        """Connect, probe the store, and sort out the claims a previous run left; then serve in a thread.
+
+        Raises ConfigError when the store ignores conditional writes: sharing would not be safe there.
+        """
+        from spoold.transports.s3_shared import ShareStore
+
+        self.records.ensure()
+        shared_items.remove_stagings(self.folders)
+        # Timeouts well inside a lease: a blackholed store must not hold the thread past a renewal.
+        timeout = max(1.0, min(30.0, self.lease / 8))
+        self.store = ShareStore(self.source.bucket, self.source.prefix,
+                                {**self.source.settings, "connect_timeout": timeout, "read_timeout": timeout})
+        self._probe()
+        self._recover()
+        self.thread.start()
+
+    def _probe(self) -> None:
+        from spoold.transports.s3_shared import ConditionsIgnored
+
+        assert self.store is not None
+        try:
+            self.store.probe(self.node)
+        except ConditionsIgnored as exc:
+            raise ConfigError(str(exc), file=self.config.source, path=f"queues.{self.queue.name}.source") from None
+        except StepError as exc:
+            log.warning("%s: cannot reach the shared store yet (%s); claiming waits for it", self.queue.name, exc)
+            return
+        self.is_probed = True
+
+    def stop(self) -> None:
+        """Stop claiming and renewing; claims stay in the store, so a quick restart resumes them."""
+        self.stopping.set()
+        self.wake.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()
+
+    def poll_now(self) -> None:
+        self.wake.set()
+
+    # ---- what the main loop asks --------------------------------------------------------------------------
+
+    def expire(self, now: float) -> list[str]:
+        """Local items whose lease this node can no longer vouch for: the main loop stops and drops them."""
+        margin = self.lease / 4
+        lost: list[Held] = []
+        with self.lock:
+            for held in list(self.held.values()):
+                if held.phase != "finishing" and now > held.written_at + self.lease - margin:
+                    lost.append(held)
+        return [item for held in lost if (item := self._lose(held, "its lease ran out before a renewal got "
+                                                              "through")) is not None]  # fmt: skip
+
+    def next_deadline(self) -> float | None:
+        with self.lock:
+            return min((h.written_at + self.lease * 3 / 4 for h in self.held.values() if h.phase != "finishing"),
+                       default=None)  # fmt: skip
+
+    def item_finished(self, item: str, sidecar: Sidecar | None) -> None:
+        """The chain of a local item ended for now; a final state is carried to the store."""
+        with self.lock:
+            held = next((h for h in self.held.values() if h.item == item), None)
+            if held is None or sidecar is None or sidecar.state not in ("done", "failed"):
+                return
+            held.phase = "finishing"
+        self.pool.submit(self._guarded, self._finish, held)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {"source": self.source.url, "node": self.node, "held": len(self.held), "claims": dict(self.counts)}
+
+    # ---- the thread ----------------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        next_poll = 0.0
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if not self.is_probed:
+                self._guarded(self._probe)
+            self._guarded(self._renew_due, now)
+            if self.wake.is_set() or now >= next_poll:
+                self.wake.clear()
+                next_poll = now + self.source.poll_seconds
+                if self.is_probed:
+                    self._guarded(self._poll)
+            with self.lock:
+                renewals = [h.written_at + self.lease / 3 for h in self.held.values()]
+            self.wake.wait(max(0.05, min([next_poll, *renewals]) - time.monotonic()))
+
+    def _guarded(self, work: Callable[..., None], *args: Any) -> None:
+        """One round of the thread's or the pool's work; nothing it meets ends the thread."""
+        try:
+            with about(self.queue.name):
+                work(*args)
+        except StepError as exc:
+            log.warning("%s: shared store: %s", self.queue.name, exc)
+        except Exception:
+            log.exception("%s: internal error in the shared queue; it goes on", self.queue.name)
+
+    def _renew_due(self, now: float) -> None:
+        assert self.store is not None
+        with self.lock:
+            due = [h for h in self.held.values() if now >= h.written_at + self.lease / 3]
+        for held in due:
+            if self.stopping.is_set():
+                return
+            self._renew(held)
+            self._mirror(held)
+
+    def _renew(self, held: Held) -> bool:
+        """Write the claim again with `If-Match`; False when it is lost (another node has it, or it is gone)."""
+        assert self.store is not None
+        sent = time.monotonic()
+        try:
+            etag = self.store.write_claim(held.name, new_claim(self.node, held, self.lease), held.etag)
+        except StepError as exc:
+            log.warning("%s/%s: cannot renew the claim yet: %s", self.queue.name, held.name, exc)
+            return True  # the deadline in `expire` decides
+        if etag is None:
+            item = self._lose(held, "another node holds the claim now")
+            if item is not None:
+                self.post(ClaimLost(self.queue.name, item))
+            return False
+        with self.lock:
+            held.etag, held.written_at = etag, sent
+            self.counts["renewed"] += 1
+        return True
+
+    def _mirror(self, held: Held) -> None:
+        """The running item's sidecar to `status/`, when it changed since the last copy."""
+        assert self.store is not None
+        if held.phase != "local" or held.item is None:
+            return
+        try:
+            mtime = self.folders.sidecar_path(held.item).stat().st_mtime
+        except FileNotFoundError:
+            return
+        if mtime != held.mirrored_mtime and (document := shared_items.status_document(self.folders, held,
+                                                                                      self.node)):  # fmt: skip
+            self.store.write_status(held.name, document)
+            held.mirrored_mtime = mtime
+
+    def _lose(self, held: Held, why: str) -> str | None:
+        """Forget a claim this node no longer holds; the local item to stop and drop, if any."""
+        with self.lock:
+            if self.held.get(held.name) is not held:
+                return None
+            del self.held[held.name]
+            self.counts["lost"] += 1
+        held.stop.set()
+        self.records.remove(held.name)
+        log.warning("%s/%s: claim lost (%s): this node stops the item", self.queue.name, held.name, why)
+        return held.item
+
+    # ---- claiming ------------------------------------------------------------------------------------------
+
+    def _room(self) -> int:
+        with self.lock:
+            busy = sum(1 for h in self.held.values() if h.phase != "finishing")
+        return self.queue.spec.concurrency - busy
+
+    def _poll(self) -> None:
+        assert self.store is not None
+        if self._room() <= 0 or not self.may_claim():
+            return
+        entries = self.store.list_inbox()
+        if not entries:
+            return
+        claims, store_now = self.store.list_claims()
+        # Nodes that list the same inbox at once would all try its first item: each starts elsewhere.
+        random.shuffle(entries)
+        for entry in sorted(entries, key=lambda e: e.name in claims):
+            if self._room() <= 0 or self.stopping.is_set():
+                return
+            with self.lock:
+                if entry.name in self.held:
+                    continue
+            seen = claims.get(entry.name)
+            if seen is None:
+                self._claim(entry, None)
+            elif store_now - seen.modified > self.lease + STORE_CLOCK_SLACK:
+                self._claim(entry, seen.etag)
+
+    def _claim(self, entry: InboxEntry, stale_etag: str | None) -> None:
+        """Create the claim, or take over a stale one (judged again on the claim's own lease); then fetch."""
+        assert self.store is not None
+        attempt = 1
+        if stale_etag is not None:
+            claim = self.store.read_claim(entry.name)
+            if claim is None:
+                return
+            lease = claim.document.get("lease_s")
+            lease = float(lease) if isinstance(lease, (int, float)) and not isinstance(lease, bool) else self.lease
+            if claim.store_now - claim.modified <= max(lease, self.lease) + STORE_CLOCK_SLACK:
+                return
+            stale_etag = claim.etag
+            previous = claim.document.get("attempt")
+            attempt = (previous if isinstance(previous, int) and not isinstance(previous, bool) else 0) + 1
+        held = Held(entry.name, uuid.uuid4().hex, attempt, "", time.monotonic(), entry.is_bundle, entry.has_marker,
+                    takeover=stale_etag is not None)  # fmt: skip
+        sent = time.monotonic()
+        etag = self.store.write_claim(entry.name, new_claim(self.node, held, self.lease), stale_etag)
+        if etag is None:
+            return  # another node was first
+        held.etag, held.written_at = etag, sent
+        self.records.save(held)
+        with self.lock:
+            self.held[held.name] = held
+            self.counts["taken_over" if held.takeover else "won"] += 1
+        log.info("%s/%s: claimed%s (attempt %d)", self.queue.name, held.name,
+                 " from a node whose lease ran out" if held.takeover else "", attempt)  # fmt: skip
+        self.pool.submit(self._guarded, self._fetch, held, entry)
+
+    # ---- the pool's work -----------------------------------------------------------------------------------
+
+    def _check_stop(self, held: Held) -> None:
+        if held.stop.is_set() or self.stopping.is_set():
+            raise Interrupted("the claim was lost or the daemon is stopping")
+
+    def _fetch(self, held: Held, entry: InboxEntry) -> None:
+        assert self.store is not None
+        seed = self.store.read_status(held.name) if held.takeover else None
+        if seed is not None and seed.get("state") in ("done", "failed"):
+            # The last holder recorded the end and died before tidying up: only the tidying is left.
+            held.phase = "finishing"
+            self._finish_with(held, seed)
+            return
+        problem = name_problem(held.name)
+        item: str | None = None
+        for attempt in range(1, self.queue.spec.retry.attempts + 1):
+            try:
+                if problem:
+                    raise PermanentError(problem)
+                item = shared_items.fetch(self.config, self.queue, self.folders, self.store, entry, held, seed,
+                                          lambda: self._check_stop(held))  # fmt: skip
+                break
+            except Interrupted:
+                return
+            except PermanentError as exc:
+                self._reject(held, str(exc))
+                return
+            except StepError as exc:
+                if attempt == self.queue.spec.retry.attempts:
+                    self._reject(held, f"cannot download the item: {exc}")
+                    return
+                log.warning("%s/%s: download failed, retrying: %s", self.queue.name, held.name, exc)
+                if self.stopping.wait(self.queue.spec.retry.delay_before(attempt + 1)):
+                    return
+        if item is None:
+            log.info("%s/%s: left the shared inbox before it was downloaded", self.queue.name, held.name)
+            self._release(held)
+            return
+        with self.lock:
+            lost = self.held.get(held.name) is not held
+            held.item, held.phase = item, "local"
+        if lost:
+            shared_items.drop_local(self.folders, item)
+            return
+        self.records.save(held)
+        self.post(ItemAdopted(self.queue.name, item))
+
+    def _reject(self, held: Held, reason: str) -> None:
+        log.error("%s/%s: rejected: %s", self.queue.name, held.name, reason)
+        document = {"schema": "spoold.sidecar/1", "queue": self.queue.name, "item": held.name, "state": "failed",
+                    "host": self.config.host, "updated": now_iso(), "steps": [], "fields": {}, "node": self.node,
+                    "error": {"step": None, "type": "rejected", "message": reason, "retryable": False,
+                              "at": now_iso()}}  # fmt: skip
+        held.phase = "finishing"
+        self._finish_with(held, document)
+
+    def _finish(self, held: Held) -> None:
+        document = shared_items.status_document(self.folders, held, self.node)
+        if document is not None:
+            self._finish_with(held, document)
+
+    def _finish_with(self, held: Held, document: dict[str, Any]) -> None:
+        """Carry the item's end to the store, while this node still holds it; retried on a flaky store."""
+        assert self.store is not None
+        for attempt in range(FINISH_TRIES):
+            if held.stop.is_set():
+                return
+            try:
+                # A lease with less than half left is renewed first, so the whole end happens inside it.
+                if time.monotonic() > held.written_at + self.lease / 2 and not self._renew(held):
+                    return
+                shared_items.finish(self.store, self.queue, held, document)
+                break
+            except StepError as exc:
+                log.warning("%s/%s: cannot record the end in the store yet: %s", self.queue.name, held.name, exc)
+                if self.stopping.wait(min(30.0, 2.0**attempt)):
+                    return  # the record stays: the next start finishes it
+        else:
+            return
+        log.info("%s/%s: %s in the shared store", self.queue.name, held.name, document.get("state"))
+        self._release(held, keep_claim=True)
+
+    def _release(self, held: Held, keep_claim: bool = False) -> None:
+        """Forget the claim; delete it in the store unless the end already did."""
+        if not keep_claim and self.store is not None:
+            self.store.delete_claim(held.name)
+        with self.lock:
+            if self.held.get(held.name) is held:
+                del self.held[held.name]
+        self.records.remove(held.name)
+        self.wake.set()  # room for another item
+
+    # ---- after a restart -----------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Keep the local items whose claims this node still holds; drop every other local item of the queue."""
+        from spoold.transports.s3_shared import InboxEntry
+
+        assert self.store is not None
+        kept: set[str] = set()
+        for record in self.records.all():
+            name, item = record["name"], record.get("item")
+            try:
+                claim = self.store.read_claim(name)
+            except StepError as exc:
+                log.warning("%s/%s: cannot check the claim (%s): dropping the local copy", self.queue.name, name, exc)
+                claim = None
+            attempt = record.get("attempt")
+            held = Held(name, record["token"], attempt if isinstance(attempt, int) else 1, "", time.monotonic(),
+                        bool(record.get("is_bundle")), bool(record.get("has_marker")),
+                        item if isinstance(item, str) else None)  # fmt: skip
+            if claim is None or claim.document.get("token") != held.token:
+                self.counts["lost"] += 1
+                self.records.remove(name)
+                continue
+            held.etag = claim.etag
+            held.written_at = time.monotonic() - max(0.0, claim.store_now - claim.modified)
+            self.held[name] = held
+            sidecar = Sidecar.load(self.folders.sidecar_path(held.item)) if held.item else None
+            if sidecar is None:
+                held.item = None
+                self.pool.submit(self._guarded, self._fetch, held, InboxEntry(name, held.is_bundle, 0,
+                                                                              held.has_marker))  # fmt: skip
+                continue
+            kept.add(sidecar.name)
+            held.phase = "local"
+            self.item_finished(sidecar.name, sidecar)
+        for item in shared_items.local_items(self.folders):
+            if item not in kept:
+                log.warning("%s/%s: not held by this node any more: dropped here", self.queue.name, item)
+                shared_items.drop_local(self.folders, item)

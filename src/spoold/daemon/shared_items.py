@@ -1,0 +1,220 @@
+"""The files of a shared queue's items on this node: claim records, the download into work/, the end in the store.
+
+A node holding an item keeps `<queue>/claims/<name>.json` (the item's shared name,
+the claim's token and attempt, the local item name once made), written before
+anything is downloaded, so a restarted node knows which local items are its
+claims and asks the store whether it still holds them. The item itself is
+downloaded into a hidden staging folder in work/ and handed over into work/ in
+one rename, with the marker's fields and the store's checkpoints, as `forward`
+makes items; from there the runner treats it like any item.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from spoold.daemon.claiming import adopt_orphan
+from spoold.daemon.config import Config, Queue
+from spoold.daemon.items import fields_rejection, read_json_object
+from spoold.daemon.layout import ITEM_DIR_MODE, QueueFolders
+from spoold.daemon.sidecar import Sidecar
+from spoold.errors import PermanentError
+from spoold.fsio import read_json, remove_tree, write_json_atomic
+from spoold.transports.base import TransferContext, TreeLimits
+
+if TYPE_CHECKING:
+    from spoold.transports.s3_shared import InboxEntry, ShareStore
+
+log = logging.getLogger("spoold.shared")
+
+STAGING_PREFIX = ".shared-"
+# Longer names cannot be a local file name with the `.json` of a claim record beside them.
+MAX_NAME_BYTES = 240
+
+
+def name_problem(name: str) -> str | None:
+    """Why an inbox key cannot be an item name, or None."""
+    if name in (".", "..") or not name:
+        return "not an item name"
+    if len(os.fsencode(name)) > MAX_NAME_BYTES:
+        return f"its name is longer than {MAX_NAME_BYTES} bytes"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "its name holds a control character"
+    return None
+
+
+@dataclasses.dataclass
+class Held:
+    """One claim this node holds, from the claim to the item's end in the store."""
+
+    name: str
+    token: str
+    attempt: int
+    etag: str
+    # Monotonic time when the last successful claim write was sent: the lease runs from there.
+    written_at: float
+    is_bundle: bool = False
+    has_marker: bool = False
+    item: str | None = None  # the local item, once handed over
+    phase: str = "fetching"  # fetching, local, finishing
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    mirrored_mtime: float = 0.0
+    takeover: bool = False
+
+
+class ClaimRecords:
+    """`<queue>/claims/`: what this node holds, so a restart can tell its items from strays."""
+
+    def __init__(self, folders: QueueFolders) -> None:
+        self.folder = folders.root / "claims"
+
+    def ensure(self) -> None:
+        os.makedirs(self.folder, mode=0o750, exist_ok=True)
+
+    def save(self, held: Held) -> None:
+        write_json_atomic(self.folder / f"{held.name}.json", {
+            "name": held.name, "token": held.token, "attempt": held.attempt, "item": held.item,
+            "is_bundle": held.is_bundle, "has_marker": held.has_marker,
+        })  # fmt: skip
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.folder / f"{name}.json")
+
+    def all(self) -> list[dict[str, Any]]:
+        found = []
+        for file_name in sorted(os.listdir(self.folder)):
+            if file_name.endswith(".json") and not file_name.startswith("."):
+                record = read_json(self.folder / file_name)
+                if record and isinstance(record.get("name"), str) and isinstance(record.get("token"), str):
+                    found.append(record)
+        return found
+
+
+def fetch(config: Config, queue: Queue, folders: QueueFolders, store: ShareStore, entry: InboxEntry,
+          held: Held, seed: dict[str, Any] | None, check_stop: Callable[[], None]) -> str | None:  # fmt: skip
+    """Download the held item and make it a local item; its name, or None when it left the inbox.
+
+    `seed` is the item's status in the store when another node held it before: its checkpoints let
+    steps whose state lives remotely (an S3 multipart upload) resume instead of starting over.
+    Raises PermanentError when the item must fail (a huge marker, bad fields, limits).
+    """
+    from spoold.transports.s3_shared import READY_SUFFIX
+
+    stage = folders.work / f"{STAGING_PREFIX}{held.name}"
+    os.makedirs(stage, ITEM_DIR_MODE, exist_ok=True)
+    try:
+        fields: dict[str, Any] = {}
+        if held.has_marker or entry.is_bundle:
+            data = store.read_marker("inbox", held.name, int(queue.spec.limits.marker_bytes))
+            if data is None:
+                return None
+            (stage / READY_SUFFIX).write_bytes(data)
+            found, problem = read_json_object(stage / READY_SUFFIX, int(queue.spec.limits.marker_bytes))
+            if problem or (found is not None and (problem := fields_rejection(found))):
+                raise PermanentError(f"ready marker {problem}")
+            fields = found or {}
+
+        checkpoint: dict[str, Any] = {}
+        ctx = TransferContext(progress=lambda _done, _total: None, checkpoint=checkpoint,
+                              save_checkpoint=lambda: None, check_stop=check_stop)  # fmt: skip
+        limits = TreeLimits(queue.spec.limits.depth, queue.spec.limits.files)
+        path = store.download(entry, stage, ctx, limits)
+        record = {"origin": f"{queue.shared.url if queue.shared else ''}{held.name}#{held.token}",
+                  "original_name": held.name, "kind": "bundle" if entry.is_bundle else "file",
+                  "fields": fields, "payload": [held.name], "extras": [], "digests": {}}  # fmt: skip
+        item = folders.hand_over([(path, held.name)], held.name, record)
+    finally:
+        remove_tree(stage)
+    sidecar = adopt_orphan(config, queue, folders, item)
+    if sidecar is not None and seed:
+        _seed_checkpoints(queue, sidecar, seed)
+    return item
+
+
+def _seed_checkpoints(queue: Queue, sidecar: Sidecar, seed: dict[str, Any]) -> None:
+    """Carry over the checkpoints of unfinished steps whose state is remote (another node's upload id)."""
+    steps = seed.get("steps")
+    if not isinstance(steps, list) or len(steps) != len(queue.steps):
+        return
+    changed = False
+    for step, entry in zip(queue.steps, steps, strict=True):
+        checkpoint = entry.get("checkpoint") if isinstance(entry, dict) else None
+        if step.handler.name in ("ship", "exec") and isinstance(checkpoint, dict) and checkpoint and \
+                entry.get("state") not in ("done", "skipped"):  # fmt: skip
+            sidecar.step_entry(step.index)["checkpoint"] = checkpoint
+            changed = True
+    if changed:
+        sidecar.write()
+
+
+def status_document(folders: QueueFolders, held: Held, node: str) -> dict[str, Any] | None:
+    """The local sidecar of the held item, as the store's status shows it (with the holding node)."""
+    if held.item is None:
+        return None
+    document = read_json(folders.sidecar_path(held.item))
+    if document is None:
+        return None
+    document["item"] = held.name
+    document["node"] = node
+    document["claim"] = {"attempt": held.attempt}
+    return document
+
+
+def finish(store: ShareStore, queue: Queue, held: Held, document: dict[str, Any]) -> None:
+    """The item's end in the store: its status, its objects to done/ or failed/ (or deleted), its claim gone.
+
+    The status is written first: a claim found stale later whose status says done or failed is
+    only tidied up by the next node, never run again.
+    """
+    state = document.get("state")
+    store.write_status(held.name, document)
+    if state == "done" and queue.spec.keep.done == "delete":
+        store.remove(held.name, "inbox")
+    else:
+        store.move(held.name, "inbox", "done" if state == "done" else "failed")
+    store.delete_claim(held.name)
+
+
+def drop_local(folders: QueueFolders, item: str) -> None:
+    """Remove a local item this node no longer holds: its folders and its sidecar."""
+    folders.remove_item_data(item)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(folders.sidecar_path(item))
+
+
+def remove_stagings(folders: QueueFolders) -> None:
+    for name in os.listdir(folders.work):
+        if name.startswith(STAGING_PREFIX):
+            remove_tree(folders.work / name)
+
+
+def local_items(folders: QueueFolders) -> dict[str, str]:
+    """Every local item of the queue that is not finished, by name, with its state."""
+    found: dict[str, str] = {}
+    for file_name in os.listdir(folders.status):
+        if file_name.endswith(".json") and not file_name.startswith("."):
+            document = read_json(folders.status / file_name)
+            if document and document.get("state") not in ("done", "failed"):
+                found[file_name[: -len(".json")]] = str(document.get("state"))
+    for name in os.listdir(folders.work):
+        if not name.startswith(".") and name not in found:
+            found[name] = "unrecorded"
+    return found
+
+
+def new_claim(node: str, held: Held, lease: float) -> dict[str, Any]:
+    now = time.time()
+    return {"node": node, "host": os.uname().nodename, "pid": os.getpid(), "token": held.token,
+            "lease_s": lease, "attempt": held.attempt, "renewed": _iso(now), "expires": _iso(now + lease)}  # fmt: skip
+
+
+def _iso(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
