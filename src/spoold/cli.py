@@ -11,7 +11,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from spoold import __version__
+from spoold import __version__, cli_shared
 from spoold.cli_base import EX_CANTCREAT, EX_CONFIG, EX_NOINPUT, EX_OK, EX_USAGE, CliError, pick_queues
 from spoold.cli_drop import add_arguments as add_drop_arguments
 from spoold.cli_drop import cmd_drop
@@ -113,7 +113,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     def render_item() -> str:
         path = config.spool / args.queue / "status" / f"{args.item}.json"
-        document = read_json(path)
+        queue = config.queues[args.queue]
+        document = cli_shared.item_status(queue, args.item) if queue.shared else read_json(path)
+        if document is None and queue.shared:
+            raise CliError(f"no item {statusview.shown(args.item)!r} in the shared queue {args.queue!r}", EX_NOINPUT)
         if document is None:
             raise CliError(f"no item {statusview.shown(args.item)!r} in queue {args.queue!r} "
                            f"({statusview.shown(path)} does not exist)", EX_NOINPUT)  # fmt: skip
@@ -122,6 +125,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     def render_queues() -> str:
         data = statusview.summary(config.spool, queues)
+        for name in queues:
+            if config.queues[name].shared is not None:
+                data["queues"][name] = cli_shared.summary(config.queues[name])
         if args.json:
             return json.dumps(data, indent=indent, ensure_ascii=True)
         return statusview.render_table(data, is_all=args.all or bool(args.queue))
@@ -141,6 +147,14 @@ def cmd_retry(args: argparse.Namespace) -> int:
     pick_queues(config, args.queue)
     if bool(args.item) == bool(args.all):
         raise CliError("say which failed item to retry, or --all", EX_USAGE)
+    if config.queues[args.queue].shared is not None:
+        moved = cli_shared.retry(config.queues[args.queue], args.item)
+        for name in moved:
+            print(f"{args.queue}/{name}: back in the shared inbox")
+        nudge_daemon(config)
+        if not moved:
+            print(f"{args.queue}: no failed items")
+        return EX_OK
     folders = SpoolLayout(config.spool, config.queues).queues[args.queue]
     if args.item:
         names = [args.item]

@@ -79,6 +79,10 @@ def cmd_drop(args: argparse.Namespace) -> int:
         raise CliError("--timeout goes with --wait", EX_USAGE)
     timeout = parse_timeout(args.timeout)
     queue = config.queues[args.queue]
+    if queue.shared is not None:
+        from spoold import cli_shared
+
+        return cli_shared.drop(queue, args.paths, args.wait, timeout)
     inbox = config.spool / args.queue / "inbox"
     if not inbox.is_dir():
         raise CliError(f"{inbox} does not exist; start spoold once (or run spoold init) to create it", EX_NOINPUT)

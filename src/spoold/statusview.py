@@ -54,7 +54,7 @@ def summary(spool: Path, queues: list[str]) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for document in documents:
             counts[str(document.get("state"))] = counts.get(str(document.get("state")), 0) + 1
-        result["queues"][queue] = {"counts": counts, "items": [_brief(d) for d in documents]}
+        result["queues"][queue] = {"counts": counts, "items": [brief(d) for d in documents]}
     return result
 
 
@@ -80,7 +80,7 @@ def _pid_alive(pid: object) -> bool:
     return True
 
 
-def _brief(document: dict[str, Any]) -> dict[str, Any]:
+def brief(document: dict[str, Any]) -> dict[str, Any]:
     step = _current_step(document)
     return {
         "item": document.get("item"),
@@ -127,9 +127,15 @@ def render_table(data: dict[str, Any], *, is_all: bool, width: int | None = None
             continue
         lines.append(f"  {'ITEM':<32} {'STATE':<9} {'STEP':<10} PROGRESS")
         for item in items[-200:]:
+            progress = _node(item) + _progress_column(item, width - 56)
             lines.append(f"  {shown(item['item'], 32):<32} {shown(item['state'], STATE_CHARS):<9} "
-                         f"{shown(item['step'] or '-', 16):<10} {_progress_column(item, width - 56)}")  # fmt: skip
+                         f"{shown(item['step'] or '-', 16):<10} {progress}")  # fmt: skip
     return "\n".join(lines)
+
+
+def _node(item: dict[str, Any]) -> str:
+    """Which node holds an item of a shared queue."""
+    return f"[{shown(item['node'], 40)}] " if item.get("node") else ""
 
 
 def _progress_column(item: dict[str, Any], room: int) -> str:

@@ -232,6 +232,7 @@ def parse_config(text: str, file: str) -> Config:
             raise builder.error((*path, "chain", user.index, user.name, "cache"), "cache: true needs the top-level "
                                 "`cache: {path, max}` (where the cache lives and how large it may grow)")  # fmt: skip
         queues[name] = Queue(name, queue_spec, steps, pattern, _shared(builder, queue_spec, path))
+    _check_local_targets(builder, queues)
     return Config(
         source=file,
         spool=Path(spec.spool),
@@ -245,6 +246,20 @@ def parse_config(text: str, file: str) -> Config:
         cache=Cache.from_spec(spec.cache) if spec.cache else None,
         rate_bps=int(spec.rate) if spec.rate else None,
     )
+
+
+def _check_local_targets(builder: Builder, queues: dict[str, Queue]) -> None:
+    """Items reach a shared queue only through its inbox in the store, where every node sees them."""
+    for queue in queues.values():
+        for step in queue.steps:
+            options = step.handler.options
+            target = {"forward": getattr(options, "to", None), "fetch": getattr(options, "into", None),
+                      "pull": str(getattr(options, "to", "")).removeprefix("queue:")}.get(step.name)  # fmt: skip
+            shared = queues[target].shared if isinstance(target, str) and target in queues else None
+            if shared is not None:
+                raise builder.error(("queues", queue.name, "chain", step.index, step.name),
+                                    f"{target} is a shared queue: feed it with `ship: {{to: "
+                                    f"'{shared.url}inbox/'}}` so that every node sees the item")  # fmt: skip
 
 
 def _shared(builder: Builder, spec: QueueSpec, path: YamlPath) -> SharedSource | None:

@@ -11,12 +11,12 @@ node may take it, the holder has stopped; the main loop checks those deadlines
 every tick, without waiting on the store. A lost claim stops the item at its
 next checkpoint and drops it from this node.
 
-This node's part: one thread lists the inbox every `poll` (and at once after
-`spoold retry`), claims what the queue has room for, renews, and mirrors the
-sidecars of running items to `<prefix>status/`; a small pool downloads claimed
-items into work/ and, when the chain has ended, writes the final status, moves
-the item to `done/` or `failed/` and deletes the claim. The main loop learns of
-new items (`ItemAdopted`) and lost ones (`ClaimLost`) by messages only.
+One thread lists the inbox every `poll` (and at once after `spoold retry`),
+claims what the queue has room for, renews, and mirrors running items' sidecars
+to `<prefix>status/`; a small pool downloads claimed items into work/ and, once
+the chain has ended, writes the final status, moves the item to `done/` or
+`failed/` and deletes the claim. The main loop hears of new items
+(`ItemAdopted`) and lost ones (`ClaimLost`) by messages only.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from spoold.daemon.messages import ClaimLost, ItemAdopted, Message
 from spoold.daemon.shared_items import ClaimRecords, Held, name_problem, new_claim
 from spoold.daemon.sidecar import Sidecar
 from spoold.errors import ConfigError, Interrupted, PermanentError, StepError
-from spoold.fsio import now_iso
 
 if TYPE_CHECKING:
     from spoold.transports.s3_shared import InboxEntry, ShareStore
@@ -57,6 +56,7 @@ class SharedQueue:
         assert queue.shared is not None
         self.config, self.queue, self.folders = config, queue, folders
         self.source = queue.shared
+        self.lease = queue.shared.lease_seconds
         self.node = config.host
         self.post = post
         self.may_claim = may_claim
@@ -70,10 +70,6 @@ class SharedQueue:
         self.store: ShareStore | None = None
         self.pool = ThreadPoolExecutor(max_workers=queue.spec.concurrency + 1, thread_name_prefix=f"{queue.name}/s3")
         self.thread = threading.Thread(target=self._serve, name=f"{queue.name}/shared", daemon=True)
-
-    @property
-    def lease(self) -> float:
-        return self.source.lease_seconds
 
     # ---- start and stop ------------------------------------------------------------------------------------
 
@@ -90,18 +86,21 @@ class SharedQueue:
         timeout = max(1.0, min(30.0, self.lease / 8))
         self.store = ShareStore(self.source.bucket, self.source.prefix,
                                 {**self.source.settings, "connect_timeout": timeout, "read_timeout": timeout})
-        self._probe()
+        self._probe(at_start=True)
         self._recover()
         self.thread.start()
 
-    def _probe(self) -> None:
+    def _probe(self, at_start: bool = False) -> None:
         from spoold.transports.s3_shared import ConditionsIgnored
 
         assert self.store is not None
         try:
             self.store.probe(self.node)
         except ConditionsIgnored as exc:
-            raise ConfigError(str(exc), file=self.config.source, path=f"queues.{self.queue.name}.source") from None
+            if at_start:
+                raise ConfigError(str(exc), file=self.config.source, path=f"queues.{self.queue.name}.source") from None
+            log.error("%s: %s; this node serves none of its items", self.queue.name, exc)
+            self.stopping.set()  # the thread ends; running nothing is the safe answer
         except StepError as exc:
             log.warning("%s: cannot reach the shared store yet (%s); claiming waits for it", self.queue.name, exc)
             return
@@ -166,7 +165,7 @@ class SharedQueue:
                 if self.is_probed:
                     self._guarded(self._poll)
             with self.lock:
-                renewals = [h.written_at + self.lease / 3 for h in self.held.values()]
+                renewals = [max(h.written_at + self.lease / 3, h.retry_at) for h in self.held.values()]
             self.wake.wait(max(0.05, min([next_poll, *renewals]) - time.monotonic()))
 
     def _guarded(self, work: Callable[..., None], *args: Any) -> None:
@@ -182,12 +181,17 @@ class SharedQueue:
     def _renew_due(self, now: float) -> None:
         assert self.store is not None
         with self.lock:
-            due = [h for h in self.held.values() if now >= h.written_at + self.lease / 3]
+            due = [h for h in self.held.values() if now >= max(h.written_at + self.lease / 3, h.retry_at)]
         for held in due:
             if self.stopping.is_set():
                 return
-            self._renew(held)
-            self._mirror(held)
+            # Each behind its own wall: a store error on one item's status must not hold up the others' renewals.
+            self._guarded(self._renew_and_mirror, held)
+
+    def _renew_and_mirror(self, held: Held) -> None:
+        assert self.store is not None
+        if self._renew(held):
+            shared_items.mirror(self.store, self.folders, held, self.node)
 
     def _renew(self, held: Held) -> bool:
         """Write the claim again with `If-Match`; False when it is lost (another node has it, or it is gone)."""
@@ -197,6 +201,7 @@ class SharedQueue:
             etag = self.store.write_claim(held.name, new_claim(self.node, held, self.lease), held.etag)
         except StepError as exc:
             log.warning("%s/%s: cannot renew the claim yet: %s", self.queue.name, held.name, exc)
+            held.retry_at = time.monotonic() + 1.0
             return True  # the deadline in `expire` decides
         if etag is None:
             item = self._lose(held, "another node holds the claim now")
@@ -207,20 +212,6 @@ class SharedQueue:
             held.etag, held.written_at = etag, sent
             self.counts["renewed"] += 1
         return True
-
-    def _mirror(self, held: Held) -> None:
-        """The running item's sidecar to `status/`, when it changed since the last copy."""
-        assert self.store is not None
-        if held.phase != "local" or held.item is None:
-            return
-        try:
-            mtime = self.folders.sidecar_path(held.item).stat().st_mtime
-        except FileNotFoundError:
-            return
-        if mtime != held.mirrored_mtime and (document := shared_items.status_document(self.folders, held,
-                                                                                      self.node)):  # fmt: skip
-            self.store.write_status(held.name, document)
-            held.mirrored_mtime = mtime
 
     def _lose(self, held: Held, why: str) -> str | None:
         """Forget a claim this node no longer holds; the local item to stop and drop, if any."""
@@ -343,10 +334,7 @@ class SharedQueue:
 
     def _reject(self, held: Held, reason: str) -> None:
         log.error("%s/%s: rejected: %s", self.queue.name, held.name, reason)
-        document = {"schema": "spoold.sidecar/1", "queue": self.queue.name, "item": held.name, "state": "failed",
-                    "host": self.config.host, "updated": now_iso(), "steps": [], "fields": {}, "node": self.node,
-                    "error": {"step": None, "type": "rejected", "message": reason, "retryable": False,
-                              "at": now_iso()}}  # fmt: skip
+        document = shared_items.rejection_document(self.config, self.queue, held.name, reason, self.node)
         held.phase = "finishing"
         self._finish_with(held, document)
 
@@ -393,29 +381,15 @@ class SharedQueue:
         from spoold.transports.s3_shared import InboxEntry
 
         assert self.store is not None
+        holding, lost = shared_items.recover(self.store, self.records, self.folders)
+        self.counts["lost"] += lost
         kept: set[str] = set()
-        for record in self.records.all():
-            name, item = record["name"], record.get("item")
-            try:
-                claim = self.store.read_claim(name)
-            except StepError as exc:
-                log.warning("%s/%s: cannot check the claim (%s): dropping the local copy", self.queue.name, name, exc)
-                claim = None
-            attempt = record.get("attempt")
-            held = Held(name, record["token"], attempt if isinstance(attempt, int) else 1, "", time.monotonic(),
-                        bool(record.get("is_bundle")), bool(record.get("has_marker")),
-                        item if isinstance(item, str) else None)  # fmt: skip
-            if claim is None or claim.document.get("token") != held.token:
-                self.counts["lost"] += 1
-                self.records.remove(name)
-                continue
-            held.etag = claim.etag
-            held.written_at = time.monotonic() - max(0.0, claim.store_now - claim.modified)
-            self.held[name] = held
+        for held in holding:
+            self.held[held.name] = held
             sidecar = Sidecar.load(self.folders.sidecar_path(held.item)) if held.item else None
             if sidecar is None:
                 held.item = None
-                self.pool.submit(self._guarded, self._fetch, held, InboxEntry(name, held.is_bundle, 0,
+                self.pool.submit(self._guarded, self._fetch, held, InboxEntry(held.name, held.is_bundle, 0,
                                                                               held.has_marker))  # fmt: skip
                 continue
             kept.add(sidecar.name)

@@ -18,13 +18,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spoold.daemon.claiming import adopt_orphan
 from spoold.daemon.config import Config, Queue
 from spoold.daemon.items import fields_rejection, read_json_object
 from spoold.daemon.layout import ITEM_DIR_MODE, QueueFolders
-from spoold.daemon.sidecar import Sidecar
+from spoold.daemon.sidecar import Sidecar, error_record
 from spoold.errors import PermanentError
 from spoold.fsio import read_json, remove_tree, write_json_atomic
 from spoold.transports.base import TransferContext, TreeLimits
@@ -66,6 +67,7 @@ class Held:
     phase: str = "fetching"  # fetching, local, finishing
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     mirrored_mtime: float = 0.0
+    retry_at: float = 0.0  # no renewal before this (monotonic), after one that could not reach the store
     takeover: bool = False
 
 
@@ -130,6 +132,7 @@ def fetch(config: Config, queue: Queue, folders: QueueFolders, store: ShareStore
         record = {"origin": f"{queue.shared.url if queue.shared else ''}{held.name}#{held.token}",
                   "original_name": held.name, "kind": "bundle" if entry.is_bundle else "file",
                   "fields": fields, "payload": [held.name], "extras": [], "digests": {}}  # fmt: skip
+        _clear_history(folders, held.name)
         item = folders.hand_over([(path, held.name)], held.name, record)
     finally:
         remove_tree(stage)
@@ -137,6 +140,41 @@ def fetch(config: Config, queue: Queue, folders: QueueFolders, store: ShareStore
     if sidecar is not None and seed:
         _seed_checkpoints(queue, sidecar, seed)
     return item
+
+
+def _clear_history(folders: QueueFolders, name: str) -> None:
+    """A finished local copy of the item from an earlier round (a retry) gives up its name: chains see the
+    item's shared name, and the store holds its history."""
+    document = read_json(folders.sidecar_path(name))
+    if document is None or document.get("state") in ("done", "failed"):
+        drop_local(folders, name)
+
+
+def recover(store: ShareStore, records: ClaimRecords, folders: QueueFolders) -> tuple[list[Held], int]:
+    """The claims a previous run left that this node still holds (the others' records go); and how many went."""
+    from spoold.errors import StepError
+
+    kept, lost = [], 0
+    for record in records.all():
+        name, item, attempt = record["name"], record.get("item"), record.get("attempt")
+        try:
+            claim = store.read_claim(name)
+        except StepError as exc:
+            log.warning("%s/%s: cannot check the claim (%s): dropping the local copy", folders.name, name, exc)
+            claim = None
+        if claim is None or claim.document.get("token") != record["token"]:
+            lost += 1
+            records.remove(name)
+            continue
+        # The lease runs from the claim's last write, by the store's clock.
+        written_at = time.monotonic() - max(0.0, claim.store_now - claim.modified)
+        held = Held(name, record["token"], attempt if isinstance(attempt, int) else 1, claim.etag, written_at,
+                    bool(record.get("is_bundle")), bool(record.get("has_marker")),
+                    item if isinstance(item, str) else None)  # fmt: skip
+        if held.item is not None and not os.path.exists(folders.sidecar_path(held.item)):
+            held.item = None
+        kept.append(held)
+    return kept, lost
 
 
 def _seed_checkpoints(queue: Queue, sidecar: Sidecar, seed: dict[str, Any]) -> None:
@@ -168,6 +206,19 @@ def status_document(folders: QueueFolders, held: Held, node: str) -> dict[str, A
     return document
 
 
+def mirror(store: ShareStore, folders: QueueFolders, held: Held, node: str) -> None:
+    """A running item's sidecar to the store's `status/`, when it changed since the last copy."""
+    if held.phase != "local" or held.item is None:
+        return
+    try:
+        mtime = folders.sidecar_path(held.item).stat().st_mtime
+    except FileNotFoundError:
+        return
+    if mtime != held.mirrored_mtime and (document := status_document(folders, held, node)) is not None:
+        store.write_status(held.name, document)
+        held.mirrored_mtime = mtime
+
+
 def finish(store: ShareStore, queue: Queue, held: Held, document: dict[str, Any]) -> None:
     """The item's end in the store: its status, its objects to done/ or failed/ (or deleted), its claim gone.
 
@@ -181,6 +232,16 @@ def finish(store: ShareStore, queue: Queue, held: Held, document: dict[str, Any]
     else:
         store.move(held.name, "inbox", "done" if state == "done" else "failed")
     store.delete_claim(held.name)
+
+
+def rejection_document(config: Config, queue: Queue, name: str, reason: str, node: str) -> dict[str, Any]:
+    """The status of an item that failed before it became a local item (a bad name, marker or download)."""
+    sidecar = Sidecar.new(Path(os.devnull), queue=queue.name, item=name, original_name=name, kind="file", fields={},
+                          step_names=[s.name for s in queue.steps], host=config.host, payload=[])  # fmt: skip
+    document = sidecar.doc
+    document.update(state="failed", node=node, error={**error_record(None, "rejected", reason, retryable=False),
+                                                      "at": document["updated"]})  # fmt: skip
+    return document
 
 
 def drop_local(folders: QueueFolders, item: str) -> None:
