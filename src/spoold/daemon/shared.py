@@ -124,11 +124,8 @@ class SharedQueue:
     def expire(self, now: float) -> list[str]:
         """Local items whose lease this node can no longer vouch for: the main loop stops and drops them."""
         margin = self.lease / 4
-        lost: list[Held] = []
         with self.lock:
-            for held in list(self.held.values()):
-                if held.phase != "finishing" and now > held.written_at + self.lease - margin:
-                    lost.append(held)
+            lost = [h for h in self.held.values() if h.phase != "finishing" and now > h.written_at + self.lease - margin]
         return [item for held in lost if (item := self._lose(held, "its lease ran out before a renewal got "
                                                               "through")) is not None]  # fmt: skip
 
