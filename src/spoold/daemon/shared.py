@@ -35,12 +35,12 @@ from spoold.daemon.config import Config, Queue
 from spoold.daemon.layout import QueueFolders
 from spoold.daemon.logs import about
 from spoold.daemon.messages import ClaimLost, ItemAdopted, Message
-from spoold.daemon.shared_items import ClaimRecords, Held, name_problem, new_claim
+from spoold.daemon.shared_items import ClaimRecords, Held, new_claim
 from spoold.daemon.sidecar import Sidecar
 from spoold.errors import ConfigError, Interrupted, PermanentError, StepError
 
 if TYPE_CHECKING:
-    from spoold.transports.s3_shared import InboxEntry, ShareStore
+    from spoold.transports.s3_shared import ClaimSeen, InboxEntry, ShareStore
 
 log = logging.getLogger("spoold.shared")
 
@@ -67,6 +67,11 @@ class SharedQueue:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.is_probed = False
+        # The last listing's candidates, claimed from as room frees up until the next poll lists again:
+        # two listings serve many items instead of one each.
+        self.todo: list[tuple[InboxEntry, ClaimSeen | None]] = []
+        self.listed: tuple[float, float] = (0.0, 0.0)  # (monotonic, store clock) when listed
+        self.relist = False
         self.store: ShareStore | None = None
         self.pool = ThreadPoolExecutor(max_workers=queue.spec.concurrency + 1, thread_name_prefix=f"{queue.name}/s3")
         self.thread = threading.Thread(target=self._serve, name=f"{queue.name}/shared", daemon=True)
@@ -117,6 +122,7 @@ class SharedQueue:
             self.store.close()
 
     def poll_now(self) -> None:
+        self.relist = True
         self.wake.set()
 
     # ---- what the main loop asks --------------------------------------------------------------------------
@@ -156,11 +162,13 @@ class SharedQueue:
             if not self.is_probed:
                 self._guarded(self._probe)
             self._guarded(self._renew_due, now)
-            if self.wake.is_set() or now >= next_poll:
+            relist, self.relist = now >= next_poll or self.relist, False
+            if self.wake.is_set() or relist:
                 self.wake.clear()
-                next_poll = now + self.source.poll_seconds
+                if relist:
+                    next_poll = now + self.source.poll_seconds
                 if self.is_probed:
-                    self._guarded(self._poll)
+                    self._guarded(self._poll, relist)
             with self.lock:
                 renewals = [max(h.written_at + self.lease / 3, h.retry_at) for h in self.held.values()]
             self.wake.wait(max(0.05, min([next_poll, *renewals]) - time.monotonic()))
@@ -201,8 +209,8 @@ class SharedQueue:
             held.retry_at = time.monotonic() + 1.0
             return True  # the deadline in `expire` decides
         if etag is None:
-            item = self._lose(held, "another node holds the claim now")
-            if item is not None:
+            # While the end is carried to the store the claim goes away by design: the end decides there.
+            if held.phase != "finishing" and (item := self._lose(held, "another node holds the claim now")):
                 self.post(ClaimLost(self.queue.name, item))
             return False
         with self.lock:
@@ -229,23 +237,23 @@ class SharedQueue:
             busy = sum(1 for h in self.held.values() if h.phase != "finishing")
         return self.queue.spec.concurrency - busy
 
-    def _poll(self) -> None:
+    def _poll(self, relist: bool) -> None:
         assert self.store is not None
         if self._room() <= 0 or not self.may_claim():
             return
-        entries = self.store.list_inbox()
-        if not entries:
-            return
-        claims, store_now = self.store.list_claims()
-        # Nodes that list the same inbox at once would all try its first item: each starts elsewhere.
-        random.shuffle(entries)
-        for entry in sorted(entries, key=lambda e: e.name in claims):
-            if self._room() <= 0 or self.stopping.is_set():
-                return
-            with self.lock:
-                if entry.name in self.held:
-                    continue
-            seen = claims.get(entry.name)
+        if relist:
+            entries = self.store.list_inbox()
+            claims, store_now = self.store.list_claims() if entries else ({}, 0.0)
+            # Nodes that list the same inbox at once would all try its first item: each starts elsewhere.
+            random.shuffle(entries)
+            entries.sort(key=lambda e: e.name in claims)
+            self.todo = [(entry, claims.get(entry.name)) for entry in entries]
+            self.listed = (time.monotonic(), store_now)
+        while self.todo and self._room() > 0 and not self.stopping.is_set():
+            entry, seen = self.todo.pop(0)
+            store_now = self.listed[1] + time.monotonic() - self.listed[0]
+            if entry.name in self.held:
+                continue  # read without the lock: only this thread adds claims
             if seen is None:
                 self._claim(entry, None)
             elif store_now - seen.modified > self.lease + STORE_CLOCK_SLACK:
@@ -295,12 +303,9 @@ class SharedQueue:
             held.phase = "finishing"
             self._finish_with(held, seed)
             return
-        problem = name_problem(held.name)
         item: str | None = None
         for attempt in range(1, self.queue.spec.retry.attempts + 1):
             try:
-                if problem:
-                    raise PermanentError(problem)
                 item = shared_items.fetch(self.config, self.queue, self.folders, self.store, entry, held, seed,
                                           lambda: self._check_stop(held))  # fmt: skip
                 break
@@ -331,9 +336,8 @@ class SharedQueue:
 
     def _reject(self, held: Held, reason: str) -> None:
         log.error("%s/%s: rejected: %s", self.queue.name, held.name, reason)
-        document = shared_items.rejection_document(self.config, self.queue, held.name, reason, self.node)
         held.phase = "finishing"
-        self._finish_with(held, document)
+        self._finish_with(held, shared_items.rejection_document(self.config, self.queue, held.name, reason, self.node))
 
     def _finish(self, held: Held) -> None:
         document = shared_items.status_document(self.folders, held, self.node)
@@ -349,6 +353,7 @@ class SharedQueue:
             try:
                 # A lease with less than half left is renewed first, so the whole end happens inside it.
                 if time.monotonic() > held.written_at + self.lease / 2 and not self._renew(held):
+                    self._lose(held, "another node holds the claim now; it records the end")
                     return
                 shared_items.finish(self.store, self.queue, held, document)
                 break
@@ -392,7 +397,4 @@ class SharedQueue:
             kept.add(sidecar.name)
             held.phase = "local"
             self.item_finished(sidecar.name, sidecar)
-        for item in shared_items.local_items(self.folders):
-            if item not in kept:
-                log.warning("%s/%s: not held by this node any more: dropped here", self.queue.name, item)
-                shared_items.drop_local(self.folders, item)
+        shared_items.drop_strays(self.folders, kept)

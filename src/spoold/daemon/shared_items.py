@@ -110,6 +110,8 @@ def fetch(config: Config, queue: Queue, folders: QueueFolders, store: ShareStore
     """
     from spoold.transports.s3_shared import READY_SUFFIX
 
+    if problem := name_problem(held.name):
+        raise PermanentError(problem)
     stage = folders.work / f"{STAGING_PREFIX}{held.name}"
     os.makedirs(stage, ITEM_DIR_MODE, exist_ok=True)
     try:
@@ -129,9 +131,16 @@ def fetch(config: Config, queue: Queue, folders: QueueFolders, store: ShareStore
                               save_checkpoint=lambda: None, check_stop=check_stop)  # fmt: skip
         limits = TreeLimits(queue.spec.limits.depth, queue.spec.limits.files)
         path = store.download(entry, stage, ctx, limits)
+        kind, payload = ("bundle" if entry.is_bundle else "file"), [held.name]
+        if queue.spec.items == "requests" and not entry.is_bundle:
+            # As in a local inbox: the request's JSON is the item's fields, and the file stays beside them.
+            request, problem = read_json_object(path, int(queue.spec.limits.request_bytes))
+            if problem or (request is not None and (problem := fields_rejection(request))):
+                raise PermanentError(f"request {problem}")
+            kind, payload, fields = "request", [], {**fields, **(request or {})}
         record = {"origin": f"{queue.shared.url if queue.shared else ''}{held.name}#{held.token}",
-                  "original_name": held.name, "kind": "bundle" if entry.is_bundle else "file",
-                  "fields": fields, "payload": [held.name], "extras": [], "digests": {}}  # fmt: skip
+                  "original_name": held.name, "kind": kind, "fields": fields, "payload": payload, "extras": [],
+                  "digests": {}}  # fmt: skip
         _clear_history(folders, held.name)
         item = folders.hand_over([(path, held.name)], held.name, record)
     finally:
@@ -255,6 +264,14 @@ def remove_stagings(folders: QueueFolders) -> None:
     for name in os.listdir(folders.work):
         if name.startswith(STAGING_PREFIX):
             remove_tree(folders.work / name)
+
+
+def drop_strays(folders: QueueFolders, kept: set[str]) -> None:
+    """A shared queue's unfinished local items exist only under a claim this node holds: drop the others."""
+    for item in local_items(folders):
+        if item not in kept:
+            log.warning("%s/%s: not held by this node any more: dropped here", folders.name, item)
+            drop_local(folders, item)
 
 
 def local_items(folders: QueueFolders) -> dict[str, str]:
