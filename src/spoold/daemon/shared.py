@@ -22,7 +22,6 @@ the chain has ended, writes the final status, moves the item to `done/` or
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 import uuid
@@ -36,11 +35,12 @@ from spoold.daemon.layout import QueueFolders
 from spoold.daemon.logs import about
 from spoold.daemon.messages import ClaimLost, ItemAdopted, Message
 from spoold.daemon.shared_items import ClaimRecords, Held, new_claim
+from spoold.daemon.shared_listing import Candidates
 from spoold.daemon.sidecar import Sidecar
 from spoold.errors import ConfigError, Interrupted, PermanentError, StepError
 
 if TYPE_CHECKING:
-    from spoold.transports.s3_shared import ClaimSeen, InboxEntry, ShareStore
+    from spoold.transports.s3_shared import InboxEntry, ShareStore
 
 log = logging.getLogger("spoold.shared")
 
@@ -67,10 +67,7 @@ class SharedQueue:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.is_probed = False
-        # The last listing's candidates, claimed from as room frees up until the next poll lists again:
-        # two listings serve many items instead of one each.
-        self.todo: list[tuple[InboxEntry, ClaimSeen | None]] = []
-        self.listed: tuple[float, float] = (0.0, 0.0)  # (monotonic, store clock) when listed
+        self.candidates = Candidates()
         self.relist = False
         self.store: ShareStore | None = None
         self.pool = ThreadPoolExecutor(max_workers=queue.spec.concurrency + 1, thread_name_prefix=f"{queue.name}/s3")
@@ -239,21 +236,13 @@ class SharedQueue:
 
     def _poll(self, relist: bool) -> None:
         assert self.store is not None
-        if self._room() <= 0 or not self.may_claim():
-            return
-        if relist:
-            entries = self.store.list_inbox()
-            claims, store_now = self.store.list_claims() if entries else ({}, 0.0)
-            # Nodes that list the same inbox at once would all try its first item: each starts elsewhere.
-            random.shuffle(entries)
-            entries.sort(key=lambda e: e.name in claims)
-            self.todo = [(entry, claims.get(entry.name)) for entry in entries]
-            self.listed = (time.monotonic(), store_now)
-        while self.todo and self._room() > 0 and not self.stopping.is_set():
-            entry, seen = self.todo.pop(0)
-            store_now = self.listed[1] + time.monotonic() - self.listed[0]
-            if entry.name in self.held:
-                continue  # read without the lock: only this thread adds claims
+        while self._room() > 0 and self.may_claim() and not self.stopping.is_set():
+            if self.candidates.needs_listing(relist):
+                relist = False
+                self.candidates.refresh(self.store)
+            if (picked := self.candidates.pop(self.held)) is None:
+                return
+            entry, seen, store_now = picked
             if seen is None:
                 self._claim(entry, None)
             elif store_now - seen.modified > self.lease + STORE_CLOCK_SLACK:
@@ -275,7 +264,7 @@ class SharedQueue:
             previous = claim.document.get("attempt")
             attempt = (previous if isinstance(previous, int) and not isinstance(previous, bool) else 0) + 1
         held = Held(entry.name, uuid.uuid4().hex, attempt, "", time.monotonic(), entry.is_bundle, entry.has_marker,
-                    takeover=stale_etag is not None)  # fmt: skip
+                    entry.size, takeover=stale_etag is not None)  # fmt: skip
         sent = time.monotonic()
         etag = self.store.write_claim(entry.name, new_claim(self.node, held, self.lease), stale_etag)
         if etag is None:
@@ -323,6 +312,7 @@ class SharedQueue:
                     return
         if item is None:
             log.info("%s/%s: left the shared inbox before it was downloaded", self.queue.name, held.name)
+            self.candidates.is_stale = True
             self._release(held)
             return
         with self.lock:
@@ -374,6 +364,7 @@ class SharedQueue:
             if self.held.get(held.name) is held:
                 del self.held[held.name]
         self.records.remove(held.name)
+        self.candidates.item_ended(held.name)
         self.wake.set()  # room for another item
 
     # ---- after a restart -----------------------------------------------------------------------------------

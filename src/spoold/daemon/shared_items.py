@@ -63,6 +63,7 @@ class Held:
     written_at: float
     is_bundle: bool = False
     has_marker: bool = False
+    size: int = 0  # a file item's, as listed
     item: str | None = None  # the local item, once handed over
     phase: str = "fetching"  # fetching, local, finishing
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -83,7 +84,7 @@ class ClaimRecords:
     def save(self, held: Held) -> None:
         write_json_atomic(self.folder / f"{held.name}.json", {
             "name": held.name, "token": held.token, "attempt": held.attempt, "item": held.item,
-            "is_bundle": held.is_bundle, "has_marker": held.has_marker,
+            "is_bundle": held.is_bundle, "has_marker": held.has_marker, "size": held.size,
         })  # fmt: skip
 
     def remove(self, name: str) -> None:
@@ -131,6 +132,8 @@ def fetch(config: Config, queue: Queue, folders: QueueFolders, store: ShareStore
                               save_checkpoint=lambda: None, check_stop=check_stop)  # fmt: skip
         limits = TreeLimits(queue.spec.limits.depth, queue.spec.limits.files)
         path = store.download(entry, stage, ctx, limits)
+        if path is None:
+            return None
         kind, payload = ("bundle" if entry.is_bundle else "file"), [held.name]
         if queue.spec.items == "requests" and not entry.is_bundle:
             # As in a local inbox: the request's JSON is the item's fields, and the file stays beside them.
@@ -179,7 +182,8 @@ def recover(store: ShareStore, records: ClaimRecords, folders: QueueFolders) -> 
         written_at = time.monotonic() - max(0.0, claim.store_now - claim.modified)
         held = Held(name, record["token"], attempt if isinstance(attempt, int) else 1, claim.etag, written_at,
                     bool(record.get("is_bundle")), bool(record.get("has_marker")),
-                    item if isinstance(item, str) else None)  # fmt: skip
+                    size=record["size"] if isinstance(record.get("size"), int) else 0,
+                    item=item if isinstance(item, str) else None)  # fmt: skip
         if held.item is not None and not os.path.exists(folders.sidecar_path(held.item)):
             held.item = None
         kept.append(held)
@@ -239,7 +243,8 @@ def finish(store: ShareStore, queue: Queue, held: Held, document: dict[str, Any]
     if state == "done" and queue.spec.keep.done == "delete":
         store.remove(held.name, "inbox")
     else:
-        store.move(held.name, "inbox", "done" if state == "done" else "failed")
+        known = None if held.is_bundle else [(held.name, held.size)] + [(held.name + ".ready", 0)] * held.has_marker
+        store.move(held.name, "inbox", "done" if state == "done" else "failed", known)
     store.delete_claim(held.name)
 
 

@@ -105,6 +105,22 @@ class S3Download:
 
     # -- one object -----------------------------------------------------------------------------------
 
+    def get_listed(self, key: str, size: int, etag: str, target: Path, name: str, ctx: TransferContext) -> Path | None:
+        """An object as a listing described it, into `target/name`; None when it is gone.
+
+        A small one takes one GET (`If-Match` on the listed ETag, verified against the sha256 the GET
+        reply records); a large one is HEADed first for its sha256, as `get_tree` does.
+        """
+        where = f"s3://{self.bucket}/{key}"
+        with mapped(where):
+            try:
+                found = RemoteObject(key, size, etag) if size < self.part_size else self.head(key)
+                return None if found is None else self._pull_object(found, target, name, ctx, None)
+            except botocore.exceptions.ClientError as exc:
+                if http_status(exc) == 404:
+                    return None
+                raise
+
     def _pull_object(self, found: RemoteObject, target: Path, name: str, ctx: TransferContext,
                      cache: Cache | None) -> Path:  # fmt: skip
         tmp = part_name(name, PART_SUFFIX)

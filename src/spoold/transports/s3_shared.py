@@ -22,10 +22,11 @@ from typing import Any
 import botocore.exceptions
 
 from spoold.digest import hash_file
-from spoold.errors import PermanentError, VersionConflict
+from spoold.errors import PermanentError, RemoteMissing, VersionConflict
 from spoold.transports.base import TransferContext, TreeLimits, parse_url
 from spoold.transports.s3 import S3Transport
 from spoold.transports.s3_documents import read_document, write_document
+from spoold.transports.s3_download import S3Download
 from spoold.transports.s3_errors import error_code, http_status, mapped
 
 READY_SUFFIX = ".ready"
@@ -48,6 +49,7 @@ class InboxEntry:
     is_bundle: bool
     size: int  # the object's size; for a bundle, the marker's
     has_marker: bool
+    etag: str = ""  # the object's, as listed ("" when not known: it is HEADed then)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,21 +127,21 @@ class ShareStore:
     def list_inbox(self) -> list[InboxEntry]:
         """The inbox's items; a prefix without its marker yet is not one."""
         base = self.key("inbox")
-        objects: dict[str, int] = {}
+        objects: dict[str, tuple[int, str]] = {}
         folders: set[str] = set()
         with mapped(self.where("inbox")):
             for page in self._pages(base, "/"):
                 for entry in page.get("Contents", []):
-                    objects[entry["Key"][len(base):]] = int(entry.get("Size") or 0)
+                    objects[entry["Key"][len(base):]] = (int(entry.get("Size") or 0), str(entry.get("ETag") or ""))
                 for entry in page.get("CommonPrefixes", []):
                     folders.add(entry["Prefix"][len(base):].rstrip("/"))
-        found = [InboxEntry(name, True, objects[name + READY_SUFFIX], True)
+        found = [InboxEntry(name, True, objects[name + READY_SUFFIX][0], True)
                  for name in folders if name + READY_SUFFIX in objects]  # fmt: skip
-        for name, size in objects.items():
+        for name, (size, etag) in objects.items():
             marker = name.endswith(READY_SUFFIX) and (name[: -len(READY_SUFFIX)] in folders
                                                       or name[: -len(READY_SUFFIX)] in objects)  # fmt: skip
             if name and not marker and name not in folders:
-                found.append(InboxEntry(name, False, size, name + READY_SUFFIX in objects))
+                found.append(InboxEntry(name, False, size, name + READY_SUFFIX in objects, etag))
         return found
 
     def list_claims(self) -> tuple[dict[str, ClaimSeen], float]:
@@ -227,10 +229,16 @@ class ShareStore:
 
     # ---- items ---------------------------------------------------------------------------------------------
 
-    def download(self, entry: InboxEntry, target: Path, ctx: TransferContext, limits: TreeLimits) -> Path:
-        """The item's object or prefix into `target/<name>`, resumable through `ctx`'s checkpoint, verified."""
+    def download(self, entry: InboxEntry, target: Path, ctx: TransferContext, limits: TreeLimits) -> Path | None:
+        """The item's object or prefix into `target/<name>`, resumable, verified; None when it left the inbox."""
+        if not entry.is_bundle and entry.etag:
+            download = S3Download(self.client, self.bucket, self.transport.part_size, self.transport.concurrency)
+            return download.get_listed(self.key("inbox", entry.name), entry.size, entry.etag, target, entry.name, ctx)
         source = self.key("inbox", entry.name + ("/" if entry.is_bundle else ""))
-        [path] = self.transport.get_tree(source, target, ctx, name=entry.name, limits=limits)
+        try:
+            [path] = self.transport.get_tree(source, target, ctx, name=entry.name, limits=limits)
+        except RemoteMissing:
+            return None
         return path
 
     def _item_keys(self, area: str, name: str) -> list[tuple[str, int]]:
@@ -245,12 +253,14 @@ class ShareStore:
                         keys.append((key, int(entry.get("Size") or 0)))
         return keys
 
-    def move(self, name: str, source: str, target: str) -> int:
+    def move(self, name: str, source: str, target: str, known: list[tuple[str, int]] | None = None) -> int:
         """Copy the item from `source/` to `target/` (same layout), then delete the originals; objects moved.
 
-        Copies first, so a crash in between leaves a whole copy in both places, never in neither.
+        `known`: the item's objects (relative to `source/`) and sizes when the caller knows them, which
+        saves a listing. Copies first, so a crash in between leaves a whole copy in both places, never in
+        neither.
         """
-        keys = self._item_keys(source, name)
+        keys = [(self.key(source, rest), size) for rest, size in known] if known else self._item_keys(source, name)
         base, to = self.key(source), self.key(target)
         for key, size in keys:
             new = to + key[len(base):]
