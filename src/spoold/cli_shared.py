@@ -117,7 +117,7 @@ def summary(queue: Queue) -> dict[str, Any]:
 
 
 def retry(queue: Queue, item: str | None) -> list[str]:
-    """Move the failed item (or every one) back into the shared inbox; the names moved."""
+    """Move the failed (or done) item, or every failed one, back into the shared inbox; the names moved."""
     store = open_store(queue)
     try:
         if item is not None and ("/" in item or name_problem(item)):
@@ -125,11 +125,13 @@ def retry(queue: Queue, item: str | None) -> list[str]:
         names = [item] if item else store.list_names("failed")
         moved = []
         for name in names:
-            if store.move(name, "failed", "inbox"):
+            # Named, a done item may run again too (`--all` means the failed ones).
+            if store.move(name, "failed", "inbox") or (item and store.move(name, "done", "inbox")):
                 store.delete(store.key("status", f"{name}.json"))
                 moved.append(name)
             elif item:
-                raise CliError(f"{queue.name}/{shown(name)} is not a failed item of the shared queue", EX_NOINPUT)
+                raise CliError(f"{queue.name}/{shown(name)} is neither in failed/ nor in done/ of the shared queue",
+                               EX_NOINPUT)  # fmt: skip
         return moved
     except StepError as exc:
         raise CliError(f"{queue.name}: {exc}", EX_TEMPFAIL) from None

@@ -48,6 +48,8 @@ log = logging.getLogger("spoold.shared")
 STORE_CLOCK_SLACK = 1.0
 COUNTERS = ("won", "lost", "renewed", "taken_over")
 FINISH_TRIES = 8
+# How often a running item's changed sidecar is copied to `<prefix>status/`, for `spoold status` elsewhere.
+MIRROR_SECONDS = 5.0
 
 
 class SharedQueue:
@@ -83,7 +85,6 @@ class SharedQueue:
         from spoold.transports.s3_shared import ShareStore
 
         self.records.ensure()
-        shared_items.remove_stagings(self.folders)
         # Timeouts well inside a lease: a blackholed store must not hold the thread past a renewal.
         timeout = max(1.0, min(30.0, self.lease / 8))
         self.store = ShareStore(self.source.bucket, self.source.prefix,
@@ -170,7 +171,7 @@ class SharedQueue:
                 renewals = [max(h.written_at + self.lease / 3, h.retry_at) for h in self.held.values()]
             self.wake.wait(max(0.05, min([next_poll, *renewals]) - time.monotonic()))
 
-    def _guarded(self, work: Callable[..., None], *args: Any) -> None:
+    def _guarded(self, work: Callable[..., object], *args: Any) -> None:
         """One round of the thread's or the pool's work; nothing it meets ends the thread."""
         try:
             with about(self.queue.name):
@@ -187,13 +188,13 @@ class SharedQueue:
         for held in due:
             if self.stopping.is_set():
                 return
-            # Each behind its own wall: a store error on one item's status must not hold up the others' renewals.
-            self._guarded(self._renew_and_mirror, held)
-
-    def _renew_and_mirror(self, held: Held) -> None:
-        assert self.store is not None
-        if self._renew(held):
-            shared_items.mirror(self.store, self.folders, held, self.node)
+            self._guarded(self._renew, held)
+        with self.lock:
+            due = [h for h in self.held.values() if h.phase == "local" and now >= h.mirrored_at + MIRROR_SECONDS]
+        for held in due:
+            # Each behind its own wall: a store error on one item's status must not hold up the others'.
+            held.mirrored_at = now
+            self._guarded(shared_items.mirror, self.store, self.folders, held, self.node)
 
     def _renew(self, held: Held) -> bool:
         """Write the claim again with `If-Match`; False when it is lost (another node has it, or it is gone)."""
@@ -243,6 +244,8 @@ class SharedQueue:
             if (picked := self.candidates.pop(self.held)) is None:
                 return
             entry, seen, store_now = picked
+            if not (entry.is_bundle or entry.has_marker) and store_now - entry.modified < self.queue.spec.settle:
+                continue  # as in a local inbox, a lone file waits `settle` for a ready marker to follow it
             if seen is None:
                 self._claim(entry, None)
             elif store_now - seen.modified > self.lease + STORE_CLOCK_SLACK:
@@ -296,7 +299,7 @@ class SharedQueue:
         for attempt in range(1, self.queue.spec.retry.attempts + 1):
             try:
                 item = shared_items.fetch(self.config, self.queue, self.folders, self.store, entry, held, seed,
-                                          lambda: self._check_stop(held))  # fmt: skip
+                                          lambda: self._check_stop(held), lambda: self.records.save(held))  # fmt: skip
                 break
             except Interrupted:
                 return
@@ -389,3 +392,4 @@ class SharedQueue:
             held.phase = "local"
             self.item_finished(sidecar.name, sidecar)
         shared_items.drop_strays(self.folders, kept)
+        shared_items.remove_stagings(self.folders, self.held)

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from spoold.daemon.config import Config, Queue
 from spoold.daemon.items import fields_rejection, read_json_object
 from spoold.daemon.layout import ITEM_DIR_MODE, QueueFolders
 from spoold.daemon.sidecar import Sidecar, error_record
-from spoold.errors import PermanentError
+from spoold.errors import Interrupted, PermanentError, TransientError
 from spoold.fsio import read_json, remove_tree, write_json_atomic
 from spoold.transports.base import TransferContext, TreeLimits
 
@@ -68,7 +68,9 @@ class Held:
     phase: str = "fetching"  # fetching, local, finishing
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     mirrored_mtime: float = 0.0
+    mirrored_at: float = 0.0  # monotonic
     retry_at: float = 0.0  # no renewal before this (monotonic), after one that could not reach the store
+    download: dict[str, Any] = dataclasses.field(default_factory=dict)  # the download's checkpoint
     takeover: bool = False
 
 
@@ -84,7 +86,7 @@ class ClaimRecords:
     def save(self, held: Held) -> None:
         write_json_atomic(self.folder / f"{held.name}.json", {
             "name": held.name, "token": held.token, "attempt": held.attempt, "item": held.item,
-            "is_bundle": held.is_bundle, "has_marker": held.has_marker, "size": held.size,
+            "is_bundle": held.is_bundle, "has_marker": held.has_marker, "size": held.size, "download": held.download,
         })  # fmt: skip
 
     def remove(self, name: str) -> None:
@@ -102,7 +104,8 @@ class ClaimRecords:
 
 
 def fetch(config: Config, queue: Queue, folders: QueueFolders, store: ShareStore, entry: InboxEntry,
-          held: Held, seed: dict[str, Any] | None, check_stop: Callable[[], None]) -> str | None:  # fmt: skip
+          held: Held, seed: dict[str, Any] | None, check_stop: Callable[[], None],
+          save_checkpoint: Callable[[], None]) -> str | None:  # fmt: skip
     """Download the held item and make it a local item; its name, or None when it left the inbox.
 
     `seed` is the item's status in the store when another node held it before: its checkpoints let
@@ -111,10 +114,11 @@ def fetch(config: Config, queue: Queue, folders: QueueFolders, store: ShareStore
     """
     from spoold.transports.s3_shared import READY_SUFFIX
 
-    if problem := name_problem(held.name):
+    if problem := name_problem(held.name) or kind_problem(queue, entry):
         raise PermanentError(problem)
     stage = folders.work / f"{STAGING_PREFIX}{held.name}"
     os.makedirs(stage, ITEM_DIR_MODE, exist_ok=True)
+    is_resumable = False
     try:
         fields: dict[str, Any] = {}
         if held.has_marker or entry.is_bundle:
@@ -127,11 +131,15 @@ def fetch(config: Config, queue: Queue, folders: QueueFolders, store: ShareStore
                 raise PermanentError(f"ready marker {problem}")
             fields = found or {}
 
-        checkpoint: dict[str, Any] = {}
-        ctx = TransferContext(progress=lambda _done, _total: None, checkpoint=checkpoint,
-                              save_checkpoint=lambda: None, check_stop=check_stop)  # fmt: skip
+        # The download's checkpoint lives in the claim record, so a restart goes on where this one stopped.
+        ctx = TransferContext(progress=lambda _done, _total: None, checkpoint=held.download,
+                              save_checkpoint=save_checkpoint, check_stop=check_stop)  # fmt: skip
         limits = TreeLimits(queue.spec.limits.depth, queue.spec.limits.files)
-        path = store.download(entry, stage, ctx, limits)
+        try:
+            path = store.download(entry, stage, ctx, limits)
+        except (Interrupted, TransientError):
+            is_resumable = True
+            raise
         if path is None:
             return None
         kind, payload = ("bundle" if entry.is_bundle else "file"), [held.name]
@@ -147,11 +155,22 @@ def fetch(config: Config, queue: Queue, folders: QueueFolders, store: ShareStore
         _clear_history(folders, held.name)
         item = folders.hand_over([(path, held.name)], held.name, record)
     finally:
-        remove_tree(stage)
+        if not is_resumable:
+            remove_tree(stage)
     sidecar = adopt_orphan(config, queue, folders, item)
     if sidecar is not None and seed:
         _seed_checkpoints(queue, sidecar, seed)
     return item
+
+
+def kind_problem(queue: Queue, entry: InboxEntry) -> str | None:
+    """Why the queue does not take this kind of item (as its local inbox would say), or None."""
+    if entry.is_bundle and queue.spec.items != "bundles":
+        return f"a prefix with its ready marker was put into a queue of {queue.spec.items} (items: " \
+               f"{queue.spec.items}); use items: bundles to accept folders"  # fmt: skip
+    if queue.spec.items == "requests" and not entry.name.endswith(".json"):
+        return "a queue of requests (items: requests) takes only .json request files"
+    return None
 
 
 def _clear_history(folders: QueueFolders, name: str) -> None:
@@ -183,6 +202,7 @@ def recover(store: ShareStore, records: ClaimRecords, folders: QueueFolders) -> 
         held = Held(name, record["token"], attempt if isinstance(attempt, int) else 1, claim.etag, written_at,
                     bool(record.get("is_bundle")), bool(record.get("has_marker")),
                     size=record["size"] if isinstance(record.get("size"), int) else 0,
+                    download=record["download"] if isinstance(record.get("download"), dict) else {},
                     item=item if isinstance(item, str) else None)  # fmt: skip
         if held.item is not None and not os.path.exists(folders.sidecar_path(held.item)):
             held.item = None
@@ -265,9 +285,10 @@ def drop_local(folders: QueueFolders, item: str) -> None:
         os.unlink(folders.sidecar_path(item))
 
 
-def remove_stagings(folders: QueueFolders) -> None:
+def remove_stagings(folders: QueueFolders, kept: Container[str]) -> None:
+    """Partial downloads of items no longer held; those of `kept` items resume."""
     for name in os.listdir(folders.work):
-        if name.startswith(STAGING_PREFIX):
+        if name.startswith(STAGING_PREFIX) and name[len(STAGING_PREFIX):] not in kept:
             remove_tree(folders.work / name)
 
 

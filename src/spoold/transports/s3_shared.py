@@ -50,6 +50,7 @@ class InboxEntry:
     size: int  # the object's size; for a bundle, the marker's
     has_marker: bool
     etag: str = ""  # the object's, as listed ("" when not known: it is HEADed then)
+    modified: float = 0.0  # when the store last wrote the object (a bundle: its marker), by its clock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,21 +128,23 @@ class ShareStore:
     def list_inbox(self) -> list[InboxEntry]:
         """The inbox's items; a prefix without its marker yet is not one."""
         base = self.key("inbox")
-        objects: dict[str, tuple[int, str]] = {}
+        objects: dict[str, tuple[int, str, float]] = {}
         folders: set[str] = set()
         with mapped(self.where("inbox")):
             for page in self._pages(base, "/"):
                 for entry in page.get("Contents", []):
-                    objects[entry["Key"][len(base):]] = (int(entry.get("Size") or 0), str(entry.get("ETag") or ""))
+                    objects[entry["Key"][len(base):]] = (int(entry.get("Size") or 0), str(entry.get("ETag") or ""),
+                                                         entry["LastModified"].timestamp())  # fmt: skip
                 for entry in page.get("CommonPrefixes", []):
                     folders.add(entry["Prefix"][len(base):].rstrip("/"))
-        found = [InboxEntry(name, True, objects[name + READY_SUFFIX][0], True)
-                 for name in folders if name + READY_SUFFIX in objects]  # fmt: skip
-        for name, (size, etag) in objects.items():
+        # A name starting with "." is a producer's temp name, as in a local inbox.
+        found = [InboxEntry(name, True, objects[name + READY_SUFFIX][0], True, modified=objects[name + READY_SUFFIX][2])
+                 for name in folders if name + READY_SUFFIX in objects and not name.startswith(".")]  # fmt: skip
+        for name, (size, etag, modified) in objects.items():
             marker = name.endswith(READY_SUFFIX) and (name[: -len(READY_SUFFIX)] in folders
                                                       or name[: -len(READY_SUFFIX)] in objects)  # fmt: skip
-            if name and not marker and name not in folders:
-                found.append(InboxEntry(name, False, size, name + READY_SUFFIX in objects, etag))
+            if name and not marker and name not in folders and not name.startswith("."):
+                found.append(InboxEntry(name, False, size, name + READY_SUFFIX in objects, etag, modified))
         return found
 
     def list_claims(self) -> tuple[dict[str, ClaimSeen], float]:
