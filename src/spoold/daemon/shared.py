@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from spoold.daemon import shared_items
 from spoold.daemon.config import Config, Queue
@@ -44,10 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("spoold.shared")
 
+Renewal = Literal["renewed", "lost", "unreachable"]
+
 # A store whose `Date` and `Last-Modified` are whole seconds can read a fresh claim as up to a second old.
 STORE_CLOCK_SLACK = 1.0
 COUNTERS = ("won", "lost", "renewed", "taken_over")
-FINISH_TRIES = 8
 # How often a running item's changed sidecar is copied to `<prefix>status/`, for `spoold status` elsewhere.
 MIRROR_SECONDS = 5.0
 
@@ -196,25 +197,29 @@ class SharedQueue:
             held.mirrored_at = now
             self._guarded(shared_items.mirror, self.store, self.folders, held, self.node)
 
-    def _renew(self, held: Held) -> bool:
-        """Write the claim again with `If-Match`; False when it is lost (another node has it, or it is gone)."""
+    def _renew(self, held: Held) -> Renewal:
+        """Write the claim again with `If-Match` on its ETag; `lost` when another node has it or it is gone.
+
+        One write at a time per claim: two with the same ETag would make the second look lost.
+        """
         assert self.store is not None
-        sent = time.monotonic()
-        try:
-            etag = self.store.write_claim(held.name, new_claim(self.node, held, self.lease), held.etag)
-        except StepError as exc:
-            log.warning("%s/%s: cannot renew the claim yet: %s", self.queue.name, held.name, exc)
-            held.retry_at = time.monotonic() + 1.0
-            return True  # the deadline in `expire` decides
-        if etag is None:
-            # While the end is carried to the store the claim goes away by design: the end decides there.
-            if held.phase != "finishing" and (item := self._lose(held, "another node holds the claim now")):
-                self.post(ClaimLost(self.queue.name, item))
-            return False
-        with self.lock:
-            held.etag, held.written_at = etag, sent
-            self.counts["renewed"] += 1
-        return True
+        with held.writing:
+            sent = time.monotonic()
+            try:
+                etag = self.store.write_claim(held.name, new_claim(self.node, held, self.lease), held.etag)
+            except StepError as exc:
+                log.warning("%s/%s: cannot renew the claim yet: %s", self.queue.name, held.name, exc)
+                held.retry_at = time.monotonic() + 1.0
+                return "unreachable"  # the deadline in `expire` decides
+            if etag is None:
+                # While the end is carried to the store, the end decides what a lost claim means.
+                if held.phase != "finishing" and (item := self._lose(held, "another node holds the claim now")):
+                    self.post(ClaimLost(self.queue.name, item))
+                return "lost"
+            with self.lock:
+                held.etag, held.written_at = etag, sent
+                self.counts["renewed"] += 1
+            return "renewed"
 
     def _lose(self, held: Held, why: str) -> str | None:
         """Forget a claim this node no longer holds; the local item to stop and drop, if any."""
@@ -340,20 +345,23 @@ class SharedQueue:
     def _finish_with(self, held: Held, document: dict[str, Any]) -> None:
         """Carry the item's end to the store, while this node still holds it; retried on a flaky store."""
         assert self.store is not None
-        for attempt in range(FINISH_TRIES):
-            if held.stop.is_set():
-                return
+        attempt = 0
+        while not held.stop.is_set():
             try:
-                # A lease with less than half left is renewed first, so the whole end happens inside it.
-                if time.monotonic() > held.written_at + self.lease / 2 and not self._renew(held):
+                # A lease with less than half left is renewed first, so the whole end happens inside it; one
+                # that cannot be renewed is not vouched for, and nothing is written on its strength.
+                renewal = self._renew(held) if time.monotonic() > held.written_at + self.lease / 2 else "renewed"
+                if renewal == "lost":
                     self._lose(held, "another node holds the claim now; it records the end")
                     return
-                shared_items.finish(self.store, self.queue, held, document)
-                break
+                if renewal == "renewed":
+                    shared_items.finish(self.store, self.queue, held, document)
+                    break
             except StepError as exc:
                 log.warning("%s/%s: cannot record the end in the store yet: %s", self.queue.name, held.name, exc)
-                if self.stopping.wait(min(30.0, 2.0**attempt)):
-                    return  # the record stays: the next start finishes it
+            attempt += 1
+            if self.stopping.wait(min(60.0, 2.0**attempt)):
+                return  # the record stays: the next start finishes it
         else:
             return
         log.info("%s/%s: %s in the shared store", self.queue.name, held.name, document.get("state"))

@@ -67,6 +67,7 @@ class Held:
     item: str | None = None  # the local item, once handed over
     phase: str = "fetching"  # fetching, local, finishing
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    writing: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one claim write at a time
     mirrored_mtime: float = 0.0
     mirrored_at: float = 0.0  # monotonic
     retry_at: float = 0.0  # no renewal before this (monotonic), after one that could not reach the store

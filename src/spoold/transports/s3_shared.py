@@ -267,15 +267,26 @@ class ShareStore:
         base, to = self.key(source), self.key(target)
         for key, size in keys:
             new = to + key[len(base):]
-            with mapped(f"s3://{self.bucket}/{new}"):
-                copy_source = {"Bucket": self.bucket, "Key": key}
+            if not self._copy(key, new, size):
+                keys = [k for k in keys if k[0] != key]
+        for key, _ in keys:
+            self.delete(key)
+        return len(keys)
+
+    def _copy(self, key: str, new: str, size: int) -> bool:
+        """Copy one object; False when it is not there (gone since it was listed)."""
+        with mapped(f"s3://{self.bucket}/{new}"):
+            copy_source = {"Bucket": self.bucket, "Key": key}
+            try:
                 if size < MAX_SINGLE_COPY:
                     self.client.copy_object(Bucket=self.bucket, Key=new, CopySource=copy_source)
                 else:
                     self.client.copy(copy_source, self.bucket, new)
-        for key, _ in keys:
-            self.delete(key)
-        return len(keys)
+            except botocore.exceptions.ClientError as exc:
+                if http_status(exc) == 404 or error_code(exc) == "NoSuchKey":
+                    return False
+                raise
+        return True
 
     def remove(self, name: str, area: str) -> int:
         keys = self._item_keys(area, name)
