@@ -201,6 +201,17 @@ def load_config(path: Path | None) -> Config:
     return parse_config(text, str(path))
 
 
+def reload_problem(running: Config, new: Config) -> str | None:
+    """Why `new` cannot replace the running config on SIGHUP, or None."""
+    if new.spool.resolve() != running.spool.resolve():
+        return "the spool folder cannot change on reload; restart spoold"
+    for name, queue in new.queues.items():
+        if name in running.queues and queue.shared != running.queues[name].shared:
+            return (f"queue {name}: whether and where a queue is shared (source, claim, poll and the S3 options) "
+                    "cannot change on reload; restart spoold")  # fmt: skip
+    return None
+
+
 def parse_config(text: str, file: str) -> Config:
     data, lines = load_yaml(text, file)
     builder = Builder(lines, file)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from spoold.daemon.arriving import ArrivingItem
-from spoold.daemon.config import Config, Queue, load_config
+from spoold.daemon.config import Config, Queue, load_config, reload_problem
 from spoold.daemon.health import NodeStatus, live_counts, write_health
 from spoold.daemon.layout import SpoolLayout
 from spoold.daemon.logs import about
@@ -336,8 +336,8 @@ class Server:
         self.notifier.reloading()
         try:
             new = load_config(self.config_path)
-            if new.spool.resolve() != self.config.spool.resolve():
-                raise ConfigError("the spool folder cannot change on reload; restart spoold", file=new.source)
+            if (problem := reload_problem(self.config, new)) is not None:
+                raise ConfigError(problem, file=new.source)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc.describe())
             self.notifier.ready()
@@ -351,6 +351,8 @@ class Server:
         now = time.monotonic()
         for name, queue in new.queues.items():
             self.metrics.declare(queue)
+            if name in self.shared:
+                self.shared[name].reconfigure(new, queue)
             if name in self.books:
                 self.books[name].reconfigure(new, queue)
             elif name in self.retiring:

@@ -120,6 +120,10 @@ class SharedQueue:
         if self.store is not None:
             self.store.close()
 
+    def reconfigure(self, config: Config, queue: Queue) -> None:
+        """A reload: the chain and `concurrency` may change, the source may not (the server refuses that)."""
+        self.config, self.queue = config, queue
+
     def poll_now(self) -> None:
         self.relist = True
         self.wake.set()
@@ -382,22 +386,14 @@ class SharedQueue:
 
     def _recover(self) -> None:
         """Keep the local items whose claims this node still holds; drop every other local item of the queue."""
-        from spoold.transports.s3_shared import InboxEntry
-
         assert self.store is not None
-        holding, lost = shared_items.recover(self.store, self.records, self.folders)
-        self.counts["lost"] += lost
-        kept: set[str] = set()
+        holding, self.counts["lost"] = shared_items.recover(self.store, self.records, self.folders)
         for held in holding:
             self.held[held.name] = held
-            sidecar = Sidecar.load(self.folders.sidecar_path(held.item)) if held.item else None
-            if sidecar is None:
-                held.item = None
-                self.pool.submit(self._guarded, self._fetch, held, InboxEntry(held.name, held.is_bundle, 0,
-                                                                              held.has_marker))  # fmt: skip
-                continue
-            kept.add(sidecar.name)
-            held.phase = "local"
-            self.item_finished(sidecar.name, sidecar)
-        shared_items.drop_strays(self.folders, kept)
+            if held.item is None:
+                self.pool.submit(self._guarded, self._fetch, held, held.entry())
+            else:
+                held.phase = "local"
+                self.item_finished(held.item, Sidecar.load(self.folders.sidecar_path(held.item)))
+        shared_items.drop_strays(self.folders, {h.item for h in holding if h.item})
         shared_items.remove_stagings(self.folders, self.held)

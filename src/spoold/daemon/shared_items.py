@@ -75,6 +75,13 @@ class Held:
     takeover: bool = False
 
 
+    def entry(self) -> InboxEntry:
+        """The inbox entry as this claim recorded it (for a download that a restart interrupted)."""
+        from spoold.transports.s3_shared import InboxEntry
+
+        return InboxEntry(self.name, self.is_bundle, self.size, self.has_marker)
+
+
 class ClaimRecords:
     """`<queue>/claims/`: what this node holds, so a restart can tell its items from strays."""
 
