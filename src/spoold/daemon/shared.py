@@ -57,12 +57,8 @@ class SharedQueue:
     def __init__(self, config: Config, queue: Queue, folders: QueueFolders, post: Callable[[Message], None],
                  may_claim: Callable[[], bool]) -> None:  # fmt: skip
         assert queue.shared is not None
-        self.config, self.queue, self.folders = config, queue, folders
-        self.source = queue.shared
-        self.lease = queue.shared.lease_seconds
-        self.node = config.host
-        self.post = post
-        self.may_claim = may_claim
+        self.config, self.queue, self.folders, self.post, self.may_claim = config, queue, folders, post, may_claim
+        self.source, self.lease, self.node = queue.shared, queue.shared.lease_seconds, config.host
         self.records = ClaimRecords(folders)
         self.lock = threading.Lock()
         self.held: dict[str, Held] = {}
@@ -152,7 +148,7 @@ class SharedQueue:
             held.phase = "finishing"
         self.pool.submit(self._guarded, self._finish, held)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:  # for health.json and metrics.prom
         with self.lock:
             return {"source": self.source.url, "node": self.node, "held": len(self.held), "claims": dict(self.counts)}
 
@@ -212,7 +208,7 @@ class SharedQueue:
             try:
                 etag = self.store.write_claim(held.name, new_claim(self.node, held, self.lease), held.etag)
             except StepError as exc:
-                log.warning("%s/%s: cannot renew the claim yet: %s", self.queue.name, held.name, exc)
+                log.warning("%s/%s: cannot renew the claim yet: %s", self.queue.name, held.label, exc)
                 held.retry_at = time.monotonic() + 1.0
                 return "unreachable"  # the deadline in `expire` decides
             if etag is None:
@@ -234,7 +230,7 @@ class SharedQueue:
             self.counts["lost"] += 1
         held.stop.set()
         self.records.remove(held.name)
-        log.warning("%s/%s: claim lost (%s): this node stops the item", self.queue.name, held.name, why)
+        log.warning("%s/%s: claim lost (%s): this node stops the item", self.queue.name, held.label, why)
         return held.item
 
     # ---- claiming ------------------------------------------------------------------------------------------
@@ -249,7 +245,7 @@ class SharedQueue:
         while self._room() > 0 and self.may_claim() and not self.stopping.is_set():
             if self.candidates.needs_listing(relist):
                 relist = False
-                self.candidates.refresh(self.store)
+                self.candidates.refresh(self.store, self.lease + STORE_CLOCK_SLACK)
             if (picked := self.candidates.pop(self.held)) is None:
                 return
             entry, seen, store_now = picked
@@ -286,7 +282,7 @@ class SharedQueue:
         with self.lock:
             self.held[held.name] = held
             self.counts["taken_over" if held.takeover else "won"] += 1
-        log.info("%s/%s: claimed%s (attempt %d)", self.queue.name, held.name,
+        log.info("%s/%s: claimed%s (attempt %d)", self.queue.name, held.label,
                  " from a node whose lease ran out" if held.takeover else "", attempt)  # fmt: skip
         self.pool.submit(self._guarded, self._fetch, held, entry)
 
@@ -316,14 +312,16 @@ class SharedQueue:
                 self._reject(held, str(exc))
                 return
             except StepError as exc:
+                if held.stop.is_set() or self.stopping.is_set():
+                    return
                 if attempt == self.queue.spec.retry.attempts:
                     self._reject(held, f"cannot download the item: {exc}")
                     return
-                log.warning("%s/%s: download failed, retrying: %s", self.queue.name, held.name, exc)
+                log.warning("%s/%s: download failed, retrying: %s", self.queue.name, held.label, exc)
                 if self.stopping.wait(self.queue.spec.retry.delay_before(attempt + 1)):
                     return
         if item is None:
-            log.info("%s/%s: left the shared inbox before it was downloaded", self.queue.name, held.name)
+            log.info("%s/%s: left the shared inbox before it was downloaded", self.queue.name, held.label)
             self.candidates.is_stale = True
             self._release(held)
             return
@@ -337,7 +335,7 @@ class SharedQueue:
         self.post(ItemAdopted(self.queue.name, item))
 
     def _reject(self, held: Held, reason: str) -> None:
-        log.error("%s/%s: rejected: %s", self.queue.name, held.name, reason)
+        log.error("%s/%s: rejected: %s", self.queue.name, held.label, reason)
         held.phase = "finishing"
         self._finish_with(held, shared_items.rejection_document(self.config, self.queue, held.name, reason, self.node))
 
@@ -354,21 +352,22 @@ class SharedQueue:
             try:
                 # A lease with less than half left is renewed first, so the whole end happens inside it; one
                 # that cannot be renewed is not vouched for, and nothing is written on its strength.
-                renewal = self._renew(held) if time.monotonic() > held.written_at + self.lease / 2 else "renewed"
+                with held.writing:  # a status copy of the running item never lands after the end's
+                    renewal = self._renew(held) if time.monotonic() > held.written_at + self.lease / 2 else "renewed"
+                    if renewal == "renewed":
+                        shared_items.finish(self.store, self.queue, held, document, tidy=held.takeover)
+                        break
                 if renewal == "lost":
                     self._lose(held, "another node holds the claim now; it records the end")
                     return
-                if renewal == "renewed":
-                    shared_items.finish(self.store, self.queue, held, document)
-                    break
             except StepError as exc:
-                log.warning("%s/%s: cannot record the end in the store yet: %s", self.queue.name, held.name, exc)
+                log.warning("%s/%s: cannot record the end in the store yet: %s", self.queue.name, held.label, exc)
             attempt += 1
             if self.stopping.wait(min(60.0, 2.0**attempt)):
                 return  # the record stays: the next start finishes it
         else:
             return
-        log.info("%s/%s: %s in the shared store", self.queue.name, held.name, document.get("state"))
+        log.info("%s/%s: %s in the shared store", self.queue.name, held.label, document.get("state"))
         self._release(held, keep_claim=True)
 
     def _release(self, held: Held, keep_claim: bool = False) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ from spoold.daemon.layout import ITEM_DIR_MODE, QueueFolders
 from spoold.daemon.sidecar import Sidecar, error_record
 from spoold.errors import Interrupted, PermanentError, TransientError
 from spoold.fsio import read_json, remove_tree, write_json_atomic
-from spoold.transports.base import TransferContext, TreeLimits
+from spoold.transports.base import TransferContext, TreeLimits, shown_name
 
 if TYPE_CHECKING:
     from spoold.transports.s3_shared import InboxEntry, ShareStore
@@ -67,13 +68,20 @@ class Held:
     item: str | None = None  # the local item, once handed over
     phase: str = "fetching"  # fetching, local, finishing
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
-    writing: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one claim write at a time
+    # One claim write at a time (two with one ETag would make the second look lost), and no status copy of the
+    # running item after the end's status.
+    writing: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     mirrored_mtime: float = 0.0
     mirrored_at: float = 0.0  # monotonic
     retry_at: float = 0.0  # no renewal before this (monotonic), after one that could not reach the store
     download: dict[str, Any] = dataclasses.field(default_factory=dict)  # the download's checkpoint
     takeover: bool = False
 
+
+    @property
+    def label(self) -> str:
+        """The name as log lines show it: a producer's name may hold control characters."""
+        return self.name if self.name.isprintable() and len(self.name) <= 160 else shown_name(self.name)
 
     def entry(self) -> InboxEntry:
         """The inbox entry as this claim recorded it (for a download that a restart interrupted)."""
@@ -91,15 +99,20 @@ class ClaimRecords:
     def ensure(self) -> None:
         os.makedirs(self.folder, mode=0o750, exist_ok=True)
 
+    def path(self, name: str) -> Path:
+        # A name that cannot be a file name (too long) is recorded under its hash; its item is rejected anyway.
+        file_name = name if name_problem(name) is None else "_" + hashlib.sha256(os.fsencode(name)).hexdigest()
+        return self.folder / f"{file_name}.json"
+
     def save(self, held: Held) -> None:
-        write_json_atomic(self.folder / f"{held.name}.json", {
+        write_json_atomic(self.path(held.name), {
             "name": held.name, "token": held.token, "attempt": held.attempt, "item": held.item,
             "is_bundle": held.is_bundle, "has_marker": held.has_marker, "size": held.size, "download": held.download,
         })  # fmt: skip
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.folder / f"{name}.json")
+            os.unlink(self.path(name))
 
     def all(self) -> list[dict[str, Any]]:
         found = []
@@ -255,16 +268,20 @@ def mirror(store: ShareStore, folders: QueueFolders, held: Held, node: str) -> N
         mtime = folders.sidecar_path(held.item).stat().st_mtime
     except FileNotFoundError:
         return
-    if mtime != held.mirrored_mtime and (document := status_document(folders, held, node)) is not None:
-        store.write_status(held.name, document)
-        held.mirrored_mtime = mtime
+    with held.writing:
+        if held.phase != "local":
+            return  # the end writes the last status
+        if mtime != held.mirrored_mtime and (document := status_document(folders, held, node)) is not None:
+            store.write_status(held.name, document)
+            held.mirrored_mtime = mtime
 
 
-def finish(store: ShareStore, queue: Queue, held: Held, document: dict[str, Any]) -> None:
+def finish(store: ShareStore, queue: Queue, held: Held, document: dict[str, Any], *, tidy: bool = False) -> None:
     """The item's end in the store: its status, its objects to done/ or failed/ (or deleted), its claim gone.
 
     The status is written first: a claim found stale later whose status says done or failed is
-    only tidied up by the next node, never run again.
+    only tidied up by the next node, never run again. `tidy`: a node that took the claim over does
+    that, and what an earlier holder already copied is not copied again.
     """
     state = document.get("state")
     store.write_status(held.name, document)
@@ -272,7 +289,7 @@ def finish(store: ShareStore, queue: Queue, held: Held, document: dict[str, Any]
         store.remove(held.name, "inbox")
     else:
         known = None if held.is_bundle else [(held.name, held.size)] + [(held.name + ".ready", 0)] * held.has_marker
-        store.move(held.name, "inbox", "done" if state == "done" else "failed", known)
+        store.move(held.name, "inbox", "done" if state == "done" else "failed", known, keep_existing=tidy)
     store.delete_claim(held.name)
 
 

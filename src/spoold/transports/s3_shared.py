@@ -256,22 +256,35 @@ class ShareStore:
                         keys.append((key, int(entry.get("Size") or 0)))
         return keys
 
-    def move(self, name: str, source: str, target: str, known: list[tuple[str, int]] | None = None) -> int:
+    def move(self, name: str, source: str, target: str, known: list[tuple[str, int]] | None = None, *,
+             keep_existing: bool = False) -> int:
         """Copy the item from `source/` to `target/` (same layout), then delete the originals; objects moved.
 
         `known`: the item's objects (relative to `source/`) and sizes when the caller knows them, which
         saves a listing. Copies first, so a crash in between leaves a whole copy in both places, never in
-        neither.
+        neither. `keep_existing`: an object already in `target/` is not copied again (an earlier holder's).
         """
         keys = [(self.key(source, rest), size) for rest, size in known] if known else self._item_keys(source, name)
         base, to = self.key(source), self.key(target)
         for key, size in keys:
             new = to + key[len(base):]
+            if keep_existing and self._exists(new):
+                continue
             if not self._copy(key, new, size):
                 keys = [k for k in keys if k[0] != key]
         for key, _ in keys:
             self.delete(key)
         return len(keys)
+
+    def _exists(self, key: str) -> bool:
+        with mapped(f"s3://{self.bucket}/{key}"):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=key)
+            except botocore.exceptions.ClientError as exc:
+                if http_status(exc) == 404:
+                    return False
+                raise
+        return True
 
     def _copy(self, key: str, new: str, size: int) -> bool:
         """Copy one object; False when it is not there (gone since it was listed)."""
