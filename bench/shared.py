@@ -12,7 +12,9 @@ are put into `inbox/` with boto3 (8 threads); the clock runs from the first put 
 figure. Requests per item are the requests moto's werkzeug log shows for the round's bucket in that window
 (listings while idle included), minus the bench's own (puts and the polls that watch for the end), over
 the number of items; the target is at most 8. All nodes and moto share this machine's cores, so the
-scaling ratio is a floor of what separate machines would give.
+scaling ratio is a floor of what separate machines would give. "store load" is the round's requests per
+second over what moto alone answers (small PUTs from 6 threads, measured first): near 1, the store is the
+limit, not the nodes.
 """
 
 from __future__ import annotations
@@ -129,6 +131,24 @@ def one_round(folder: Path, endpoint: str, moto_log: Path, nodes: int, items: in
     return elapsed, (total - own) / items
 
 
+def store_capacity(endpoint: str, requests: int = 600, threads: int = 6) -> float:
+    """Requests per second moto answers for small PUTs from several boto3 clients at once: the store's ceiling."""
+    bucket = SharedBucket(endpoint, f"spoold-bench-{uuid.uuid4().hex[:10]}").create()
+    per_thread = requests // threads
+
+    def put_some(n: int) -> None:
+        for i in range(per_thread):
+            bucket.put(f"capacity/{n}-{i}", b"x" * ITEM_BYTES)
+
+    workers = [threading.Thread(target=put_some, args=(n,)) for n in range(threads)]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return per_thread * threads / (time.perf_counter() - started)
+
+
 def main() -> None:
     items = int(os.environ.get("SPOOLD_BENCH_SHARED_ITEMS", "300"))
     counts = [int(n) for n in os.environ.get("SPOOLD_BENCH_SHARED_NODES", "1,2,3").split(",")]
@@ -141,8 +161,10 @@ def main() -> None:
         try:
             print(f"{items} items of {ITEM_BYTES} bytes, chain checksum, concurrency {concurrency} per node, "
                   f"{os.cpu_count()} CPUs shared by moto and every node, moto at {endpoint}", flush=True)  # fmt: skip
-            print(f"{'nodes':>5}  {'seconds':>8}  {'items/s':>8}  {'vs 1 node':>9}  {'requests/item':>13}  target",
-                  flush=True)  # fmt: skip
+            capacity = store_capacity(endpoint)
+            print(f"moto alone answers {capacity:.0f} small PUTs/s from 6 boto3 threads on this machine", flush=True)
+            print(f"{'nodes':>5}  {'seconds':>8}  {'items/s':>8}  {'vs 1 node':>9}  {'requests/item':>13}  "
+                  f"{'store load':>10}  target", flush=True)  # fmt: skip
             base: float | None = None
             for nodes in counts:
                 round_folder = folder / f"nodes-{nodes}"
@@ -152,7 +174,8 @@ def main() -> None:
                 base = base or (rate if nodes == 1 else None)
                 ratio = f"{rate / base:8.2f}x" if base else f"{'-':>9}"
                 verdict = "ok" if per_item <= REQUESTS_PER_ITEM_TARGET else "MISSED"
-                print(f"{nodes:>5}  {seconds:8.2f}  {rate:8.1f}  {ratio}  {per_item:13.2f}  "
+                load = rate * per_item / capacity
+                print(f"{nodes:>5}  {seconds:8.2f}  {rate:8.1f}  {ratio}  {per_item:13.2f}  {load:10.2f}  "
                       f"<= {REQUESTS_PER_ITEM_TARGET:g} {verdict}", flush=True)  # fmt: skip
         finally:
             moto.terminate()
