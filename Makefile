@@ -44,6 +44,7 @@ system-deps:
 	command -v ffmpeg >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
 	command -v ffprobe >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
 	command -v unzip >/dev/null 2>&1 || missing="$$missing unzip"; \
+	command -v faketime >/dev/null 2>&1 || missing="$$missing faketime"; \
 	command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
 	command -v systemd-nspawn >/dev/null 2>&1 || missing="$$missing systemd-container"; \
 	$(APT_INSTALL_MISSING)
@@ -56,10 +57,9 @@ bench: system-deps $(VENV)/.test-deps
 torture: system-deps torture-deps $(VENV)/.test-deps
 	$(BIN)/python -m torture
 
-# What only the torture cases need (not `make test`): libfaketime for the clock case.
+# What only the torture cases need (not `make test`): tc for the network case.
 torture-deps:
 	@missing=""; \
-	command -v faketime >/dev/null 2>&1 || missing="$$missing faketime"; \
 	command -v tc >/dev/null 2>&1 || [ -x /usr/sbin/tc ] || missing="$$missing iproute2"; \
 	$(APT_INSTALL_MISSING)
 

@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from torture.clock import SHIM, faketime_library
 
-from tests.conftest import DaemonProcess, wait_for
+from spoold.fsio import parse_iso
+from tests.conftest import DaemonProcess, need_or_skip, wait_for
 from tests.shared_fixtures import (
     S3_ENV,
     HttpProxy,
@@ -554,3 +556,38 @@ def test_drop_status_health_and_metrics(bucket: SharedBucket, daemon: Start, tmp
     assert shared["node"] == "node-a" and shared["source"] == bucket.url and shared["claims"]["won"] >= 2
     assert sorted(exec_runs(log)) == [("early", "node-a"), ("hello.txt", "node-a")]
     assert_clean_logs([node])
+
+
+# ---- clocks that disagree -----------------------------------------------------------------------------------------
+
+
+def test_a_node_whose_clock_is_minutes_ahead_takes_nothing_over(bucket: SharedBucket, daemon: Start,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    """Leases are judged by the store's clock: a node 4 minutes ahead (48 leases) must not read the other's fresh
+    claims as stale. The node runs under libfaketime with its monotonic clock left alone, as an NTP step would."""
+    library = faketime_library()
+    if library is None:
+        need_or_skip("libfaketime is not installed (apt-get install faketime; `make test` does)")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SHIM)
+    log = tmp_path / "exec.log"
+    slow = append_argv(log, "; sleep 0.3")  # every claim is held for a while, renewed, and visible to the other
+    ahead = daemon(node_config(tmp_path, "node-ahead", bucket, argv=slow), wait=False, env={
+        **S3_ENV, "LD_PRELOAD": str(library), "FAKETIME": "+4m", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "PYTHONPATH": f"{shim}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})  # fmt: skip
+    behind = daemon(node_config(tmp_path, "node-true", bucket, argv=slow), wait=False, env=S3_ENV)
+    for node, host in ((ahead, "node-ahead"), (behind, "node-true")):
+        node.wait_ready(tmp_path / host / "spool", timeout=30)
+    heartbeat = parse_iso(read_health(tmp_path / "node-ahead" / "spool")["heartbeat"])
+    assert heartbeat is not None and heartbeat - time.time() > 180, "the node's clock is not ahead: no skew tested"
+    names = [f"skew-{n:02d}" for n in range(40)]
+    bucket.put_many((f"inbox/{name}", b"x") for name in names)
+    wait_finished(bucket, names, "done", "done", 60)
+    runs = Counter(name for name, _ in exec_runs(log))
+    assert runs == Counter(names), f"run twice or never: {[(n, c) for n, c in runs.items() if c != 1]}"
+    assert {host for _, host in exec_runs(log)} == {"node-ahead", "node-true"}
+    for host in ("node-ahead", "node-true"):
+        claims = read_health(tmp_path / host / "spool")["shared"]["jobs"]["claims"]
+        assert claims["taken_over"] == 0 and claims["lost"] == 0, (host, claims)
+    assert_clean_logs([ahead, behind])

@@ -43,7 +43,7 @@ RETRY_DELAY = 10.0
 SLOW = 3.0
 
 
-def _library() -> str | None:
+def faketime_library() -> str | None:
     found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + glob.glob("/usr/lib/faketime/libfaketime.so.1"))
     return found[0] if found else None
 
@@ -115,7 +115,7 @@ def _step_the_clock(spool: Path, offset: Path, flag: Path, figure: dict[str, Any
 
 
 def run(work: Path, quick: bool) -> list[Row]:
-    library = _library()
+    library = faketime_library()
     faults = "clock -1 year, then +1 year (libfaketime)"
     if library is None:
         return [Row("clock", faults, Counts(), figure="cannot run here: no libfaketime (apt-get install faketime)")]
