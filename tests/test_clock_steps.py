@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -30,21 +31,62 @@ def _done_items(tmp_path: Path, count: int) -> tuple[SpoolLayout, Queue]:
         doc = {"schema": "spoold.status/1", "queue": "q", "item": name, "original_name": name, "kind": "file",
                "state": "done", "steps": [], "updated": now_iso(), "created": now_iso()}  # fmt: skip
         (folders.status / f"{name}.json").write_text(json.dumps(doc))
+        os.utime(folders.status / f"{name}.json", (time.time(), time.time()))  # as the (patched) clock says
     return layout, config.queues["q"]
 
 
 def test_a_clock_stepped_a_year_forward_expires_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     layout, queue = _done_items(tmp_path, 5)
     folders = layout.queues["q"]
-    assert retention.prune(queue, folders, lambda name: None) == 0  # seen once at the real time
+    clock, pruner = retention.WallClock(), retention.Pruner(folders, lambda name: None)
+    clock.sample()  # the daemon's first tick, at the real time
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + YEAR)
-    assert retention.prune(queue, folders, lambda name: None) == 0, "a year-forward clock step expired everything"
+    assert pruner.prune(queue, clock) == 0, "a year-forward clock step expired everything"
     assert len(list(folders.status.glob("*.json"))) == 5 and len(list(folders.done.iterdir())) == 5
-    # Once the daemon has watched the items for longer than keep.done, they go as usual.
+    assert len(clock.stretches) == 2, "the step was not recorded"
+    # Once the items are older than keep.done by the monotonic clock, they go as usual.
     mono = time.monotonic
     monkeypatch.setattr(time, "monotonic", lambda: mono() + 8 * 86400.0)
-    assert retention.prune(queue, folders, lambda name: None) == 5
+    monkeypatch.setattr(time, "time", lambda: real() + YEAR + 8 * 86400.0)
+    assert pruner.prune(queue, clock) == 5
+
+
+def test_a_clock_stepped_back_keeps_nothing_too_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Items written after a backward step are judged by the clock they were written with."""
+    layout, queue = _done_items(tmp_path, 0)
+    folders = layout.queues["q"]
+    clock, pruner = retention.WallClock(), retention.Pruner(folders, lambda name: None)
+    clock.sample()
+    real, mono = time.time, time.monotonic
+    monkeypatch.setattr(time, "time", lambda: real() - YEAR)
+    clock.sample()
+    _done_items(tmp_path, 3)  # written with the stepped-back clock: dated a year ago
+    assert pruner.prune(queue, clock) == 0, "items written a moment ago (by the clock then) were pruned"
+    monkeypatch.setattr(time, "monotonic", lambda: mono() + 8 * 86400.0)
+    monkeypatch.setattr(time, "time", lambda: real() - YEAR + 8 * 86400.0)
+    assert pruner.prune(queue, clock) == 3
+
+
+def test_a_large_status_folder_is_read_a_slice_per_rescan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    layout, queue = _done_items(tmp_path, 25)
+    folders = layout.queues["q"]
+    monkeypatch.setattr(retention, "SLICE", 10)
+    clock, pruner = retention.WallClock(), retention.Pruner(folders, lambda name: None)
+    seen: list[int] = []
+    real = retention._sidecar_entries
+
+    def counted(folders_: object) -> object:
+        for entry in real(folders):
+            seen.append(1)
+            yield entry
+
+    monkeypatch.setattr(retention, "_sidecar_entries", counted)
+    mono, now = time.monotonic, time.time
+    monkeypatch.setattr(time, "monotonic", lambda: mono() + 8 * 86400.0)
+    monkeypatch.setattr(time, "time", lambda: now() + 8 * 86400.0)
+    assert [pruner.prune(queue, clock) for _ in range(3)] == [10, 10, 5]
+    assert len(seen) == 25, "a rescan read more than its slice"
 
 
 def test_a_sidecar_dated_in_the_future_ages_on_the_monotonic_clock(
@@ -53,10 +95,12 @@ def test_a_sidecar_dated_in_the_future_ages_on_the_monotonic_clock(
     layout, queue = _done_items(tmp_path, 2)
     folders = layout.queues["q"]
     real, mono = time.time, time.monotonic
-    monkeypatch.setattr(time, "time", lambda: real() - YEAR)  # the clock stepped a year back
-    assert retention.prune(queue, folders, lambda name: None) == 0
+    monkeypatch.setattr(time, "time", lambda: real() - YEAR)  # the clock stepped a year back before we started
+    clock, pruner = retention.WallClock(), retention.Pruner(folders, lambda name: None)
+    assert pruner.prune(queue, clock) == 0
     monkeypatch.setattr(time, "monotonic", lambda: mono() + 8 * 86400.0)
-    assert retention.prune(queue, folders, lambda name: None) == 2
+    monkeypatch.setattr(time, "time", lambda: real() - YEAR + 8 * 86400.0)
+    assert pruner.prune(queue, clock) == 2
 
 
 def test_duration_is_the_monotonic_elapsed_time_not_the_wall_clock_difference() -> None:

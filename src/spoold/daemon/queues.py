@@ -24,6 +24,7 @@ from spoold.daemon.gather import Gathering
 from spoold.daemon.intake import Arrival, Intake
 from spoold.daemon.layout import QueueFolders
 from spoold.daemon.messages import Outcome
+from spoold.daemon.retention import Pruner
 from spoold.daemon.sidecar import ACTIVE_STATES, Sidecar
 from spoold.fsio import now_iso
 
@@ -59,6 +60,7 @@ class QueueBook:
         # Members of a `gather:` queue wait there for their group instead of running the chain.
         self.gathering = Gathering(config, queue, folders)
         self.on_ended: OnEnded = _not_counted
+        self.pruner = Pruner(folders, self.forget)
         # One stop per running item: `stop` sets them all, `revoke` one (a shared queue's claim was lost).
         self._item_stops: dict[str, threading.Event] = {}
         self.revoked: set[str] = set()

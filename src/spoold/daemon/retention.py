@@ -1,10 +1,15 @@
 """Retention: prune finished items once `keep` says they are old enough.
 
-An item's age is what the wall clock says (its sidecar's `updated`), but never more than the time this
-daemon has watched it on the monotonic clock since it first saw the sidecar (then its wall-clock age): a
-clock stepped forward (NTP correcting a Pi that booted without a real-time clock, +1 year) would otherwise
-make every done item look a year old and delete them all at once. A sidecar dated in the future (the clock
-stepped back) ages on the monotonic clock alone.
+An item's age is judged on the wall clock as it stood when the item was last written: `WallClock` keeps
+the steps of the wall clock this daemon has seen (wall minus monotonic, sampled every tick), so a clock
+stepped forward (NTP correcting a Pi that booted without a real-time clock, +1 year) does not make every
+done item look a year old and delete them all at once, and a clock stepped back does not keep them for a
+year. That record grows with the number of steps, not of items. A sidecar dated after now (written before
+a backward step this daemon did not see) ages on the monotonic clock from when it was first seen.
+
+A large status folder is read a slice at a time: each rescan goes on where the previous one stopped,
+so a rescan costs at most `SLICE` stats however many sidecars there are, and only sidecars old enough by
+their mtime to be due are opened.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from spoold.daemon.config import Queue
 from spoold.daemon.layout import QueueFolders
@@ -21,52 +26,103 @@ from spoold.daemon.sidecar import Sidecar, parse_iso
 
 log = logging.getLogger("spoold.retention")
 
-# status folder -> sidecar file name -> (its mtime_ns, time.monotonic() minus its age when first seen so).
-_origins: dict[Path, dict[str, tuple[int, float]]] = {}
+# A change of wall minus monotonic beyond this between two samples is a step of the wall clock, not jitter.
+STEP_SECONDS = 2.0
+MAX_STEPS = 64
+SLICE = 20_000
 
 
-def prune(queue: Queue, folders: QueueFolders, forget: Callable[[str], None]) -> int:
-    """Remove data and sidecars of done/failed items past their keep period; return how many went."""
-    now, mono = time.time(), time.monotonic()
-    removed = 0
-    keep = queue.spec.keep
-    # Nothing is due before the shortest keep period: a sidecar written more recently than that is not even
-    # read (its mtime is its last write), so a rescan of a large status folder costs a stat per file.
-    youngest_due = min(0.0 if k == "delete" else float(k) for k in (keep.done, keep.failed))
-    known = _origins.get(folders.status, {})
-    seen: dict[str, tuple[int, float]] = {}
-    names = []
+class WallClock:
+    """The wall clock's offsets from the monotonic clock, one per stretch between the steps seen."""
+
+    def __init__(self) -> None:
+        self.stretches: list[tuple[float, float]] = []  # (monotonic start, wall minus monotonic), oldest first
+
+    def sample(self) -> None:
+        offset = time.time() - time.monotonic()
+        if not self.stretches or abs(offset - self.stretches[-1][1]) > STEP_SECONDS:
+            self.stretches.append((time.monotonic(), offset))
+            del self.stretches[1:-MAX_STEPS]  # the first stretch judges everything written before it
+
+    def age(self, wall: float) -> float | None:
+        """Seconds since the wall-clock time `wall` was current; None for a time this clock never showed yet."""
+        self.sample()
+        mono = time.monotonic()
+        for start, offset in reversed(self.stretches):
+            if wall >= start + offset:
+                break  # written while this stretch's offset held (or later)
+        else:
+            offset = self.stretches[0][1]  # before this daemon watched: trust the clock as it first stood
+        age = mono - (wall - offset)
+        return age if age >= 0 else None
+
+
+class Pruner:
+    """One queue's retention: a cursor through its status folder, and the first sight of future-dated sidecars."""
+
+    def __init__(self, folders: QueueFolders, forget: Callable[[str], None]) -> None:
+        self.folders = folders
+        self.forget = forget
+        self._cursor: Iterator[os.DirEntry[str]] | None = None
+        # Sidecar file name -> monotonic time when first seen, for those dated after now (rare: a clock step).
+        self._future: dict[str, float] = {}
+
+    def prune(self, queue: Queue, clock: WallClock) -> int:
+        """Remove data and sidecars of done/failed items past their keep period; return how many went."""
+        keep = queue.spec.keep
+        # Nothing is due before the shortest keep period: a sidecar written more recently than that is not even
+        # read (its mtime is its last write), so a rescan costs a stat per file of its slice.
+        youngest_due = min(0.0 if k == "delete" else float(k) for k in (keep.done, keep.failed))
+        due = [entry.name for entry in self._slice() if self._age(entry.name, _mtime(entry), clock) >= youngest_due]
+        removed = 0
+        for file_name in due:
+            sidecar = Sidecar.load(self.folders.status / file_name)
+            if sidecar is None or sidecar.state not in ("done", "failed"):
+                continue
+            finished = parse_iso(sidecar.doc.get("updated")) or time.time()
+            period = keep.done if sidecar.state == "done" else keep.failed
+            keep_data = 0.0 if period == "delete" else float(period)
+            age = self._age(file_name, finished, clock)
+            if age >= keep_data:
+                self.folders.remove_item_data(sidecar.name)
+            if age >= max(keep_data, float(keep.status)):
+                sidecar.remove()
+                self.forget(sidecar.name)
+                self._future.pop(file_name, None)
+                removed += 1
+        if removed:
+            log.info("%s: pruned %d finished items", queue.name, removed)
+        return removed
+
+    def _slice(self) -> list[os.DirEntry[str]]:
+        """The next sidecars of the status folder, at most SLICE, going on from the previous call."""
+        found: list[os.DirEntry[str]] = []
+        if self._cursor is None:
+            self._cursor = _sidecar_entries(self.folders)
+        for entry in self._cursor:
+            found.append(entry)
+            if len(found) >= SLICE:
+                return found  # the next rescan goes on from here
+        self._cursor = None  # read to its end: the next rescan starts again
+        return found
+
+    def _age(self, file_name: str, wall: float, clock: WallClock) -> float:
+        age = clock.age(wall)
+        if age is not None:
+            return age
+        first = self._future.setdefault(file_name, time.monotonic())
+        return time.monotonic() - first
+
+
+def _sidecar_entries(folders: QueueFolders) -> Iterator[os.DirEntry[str]]:
     with os.scandir(folders.status) as entries:
         for entry in entries:
-            if not entry.name.endswith(".json") or entry.name.startswith("."):
-                continue
-            mtime_ns = entry.stat(follow_symlinks=False).st_mtime_ns
-            origin = known.get(entry.name)
-            if origin is None or origin[0] != mtime_ns:  # first seen, or rewritten since
-                origin = (mtime_ns, mono - max(now - mtime_ns / 1e9, 0.0))
-            seen[entry.name] = origin
-            if _age(now - mtime_ns / 1e9, mono - origin[1]) >= youngest_due:
-                names.append(entry.name)
-    _origins[folders.status] = seen
-    for file_name in names:
-        sidecar = Sidecar.load(folders.status / file_name)
-        if sidecar is None or sidecar.state not in ("done", "failed"):
-            continue
-        finished = parse_iso(sidecar.doc.get("updated")) or now
-        period = keep.done if sidecar.state == "done" else keep.failed
-        keep_data = 0.0 if period == "delete" else float(period)
-        age = _age(now - finished, mono - seen[file_name][1])
-        if age >= keep_data:
-            folders.remove_item_data(sidecar.name)
-        if age >= max(keep_data, float(keep.status)):
-            sidecar.remove()
-            forget(sidecar.name)
-            removed += 1
-    if removed:
-        log.info("%s: pruned %d finished items", queue.name, removed)
-    return removed
+            if entry.name.endswith(".json") and not entry.name.startswith("."):
+                yield entry
 
 
-def _age(wall_age: float, watched: float) -> float:
-    """The age to judge by: the wall clock's, capped by how long this daemon watched (see the module doc)."""
-    return watched if wall_age < 0 else min(wall_age, watched)
+def _mtime(entry: os.DirEntry[Any]) -> float:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return time.time()  # gone meanwhile: not due

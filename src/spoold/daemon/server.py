@@ -35,7 +35,7 @@ from spoold.daemon.messages import (
 )
 from spoold.daemon.metrics import Metrics
 from spoold.daemon.queues import QueueBook
-from spoold.daemon.retention import prune
+from spoold.daemon.retention import WallClock
 from spoold.daemon.runner import ItemRunner
 from spoold.daemon.shared import SharedQueue
 from spoold.daemon.sidecar import Sidecar
@@ -72,6 +72,7 @@ class Server:
         # The queues whose inbox is an S3 prefix shared with other nodes, by queue name.
         self.shared: dict[str, SharedQueue] = {}
         self.metrics = Metrics()
+        self.clock = WallClock()  # the wall clock's steps, for retention
         # Queues removed from the config whose items still run; they finish or checkpoint, then go.
         self.retiring: dict[str, QueueBook] = {}
         self.started = now_iso()
@@ -241,6 +242,7 @@ class Server:
         return min(deadlines)
 
     def _tick(self, now: float) -> None:
+        self.clock.sample()
         if now >= self._next["disk"]:
             self._next["disk"] = now + DISK_CHECK_INTERVAL_SECONDS
             guarded("checking free space", self._check_disk)
@@ -253,8 +255,8 @@ class Server:
             for book in self.books.values():
                 with about(book.name):
                     guarded(f"rescanning queue {book.name}", functools.partial(book.rescan, now))
-                    guarded(f"pruning queue {book.name}", functools.partial(prune, book.queue, book.folders,
-                                                                            book.forget))  # fmt: skip
+                    guarded(f"pruning queue {book.name}", functools.partial(book.pruner.prune, book.queue,
+                                                                            self.clock))  # fmt: skip
         for name, agent in self.shared.items():
             if (holder := self._book(name)) is not None:
                 for item in agent.expire(now):
