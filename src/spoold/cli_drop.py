@@ -95,13 +95,18 @@ def cmd_drop(args: argparse.Namespace) -> int:
             raise CliError(f"{shown(path)}: no such file or folder (links are not followed)", EX_NOINPUT)
         if (inbox / path.name).exists():
             raise CliError(f"{shown(inbox / path.name)} already exists; not overwriting it", EX_CANTCREAT)
-    dropped = []
-    for path in args.paths:
-        dropped.append(drop_one(path, inbox, is_marker_wanted=path.is_dir() and queue.spec.ready == "marker"))
-        print(f"dropped {shown(path)} into {args.queue}", flush=True)
-    if not args.wait:
-        return EX_OK
-    return wait_for_items(QueueFolders(config.spool, args.queue), dropped, timeout)
+    folders, dropped = QueueFolders(config.spool, args.queue), []
+    try:
+        for path in args.paths:
+            dropped.append(drop_one(path, inbox, is_marker_wanted=path.is_dir() and queue.spec.ready == "marker"))
+            print(f"dropped {shown(path)} into {args.queue}", flush=True)
+        return wait_for_items(folders, dropped, timeout) if args.wait else EX_OK
+    except KeyboardInterrupt:
+        if not args.wait:
+            raise
+        # Ctrl-C between a drop and the start of the wait: the same answer as during the wait.
+        raise CliError(f"stopped waiting; the daemon goes on with: {_pending(folders, dropped)}",
+                       EX_INTERRUPTED) from None  # fmt: skip
 
 
 def drop_one(path: Path, inbox: Path, *, is_marker_wanted: bool) -> Dropped:
