@@ -19,6 +19,7 @@ limit, not the nodes.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -33,6 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.conftest import wait_for  # noqa: E402
 from tests.shared_fixtures import SharedBucket, moto_requests, node_config  # noqa: E402
 
 from bench.s3 import start_moto  # noqa: E402
@@ -40,17 +42,6 @@ from bench.s3 import start_moto  # noqa: E402
 ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 REQUESTS_PER_ITEM_TARGET = 8.0
 ITEM_BYTES = 100
-
-
-def wait_until(check: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 class CountedBucket(SharedBucket):
@@ -111,7 +102,7 @@ def one_round(folder: Path, endpoint: str, moto_log: Path, nodes: int, items: in
     try:
         for process, config in zip(processes, configs, strict=True):
             spool, log = folder / config.stem / "spool", folder / f"{config.stem}.log"
-            wait_until(lambda p=process, s=spool, g=log: is_ready(p, s, g), 60, f"{config.stem} ready")
+            wait_for(functools.partial(is_ready, process, spool, log), 60, f"{config.stem} ready", interval=0.1)
         before_log = len(moto_requests(moto_log, bucket.name))
         before_own = bucket.sent
         names = [f"item-{n:05d}" for n in range(items)]
@@ -119,12 +110,12 @@ def one_round(folder: Path, endpoint: str, moto_log: Path, nodes: int, items: in
         started = time.perf_counter()
         bucket.put_many((f"inbox/{name}", body) for name in names)
         want = set(names)
-        wait_until(lambda: want <= set(bucket.keys("done/")), 30 + items, f"{items} items in done/", 0.2)
+        wait_for(lambda: want <= set(bucket.keys("done/")), 30 + items, f"{items} items in done/", interval=0.2)
         elapsed = time.perf_counter() - started
-        wait_until(lambda: not bucket.keys("claims/") and not bucket.keys("inbox/"), 30, "no claims left", 0.2)
+        wait_for(lambda: not bucket.keys("claims/") and not bucket.keys("inbox/"), 30, "no claims left", interval=0.2)
         own = bucket.sent - before_own
         # moto logs a request once it has answered it; let the last ones reach the file.
-        total = wait_until(lambda: len(moto_requests(moto_log, bucket.name)) - before_log >= own and
+        total = wait_for(lambda: len(moto_requests(moto_log, bucket.name)) - before_log >= own and
                            len(moto_requests(moto_log, bucket.name)) - before_log, 10, "moto's log")  # fmt: skip
     finally:
         stop(processes)

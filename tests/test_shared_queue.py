@@ -146,6 +146,15 @@ def wait_finished(bucket: SharedBucket, names: list[str], state: str, area: str,
     return again
 
 
+def finished_or_noted(bucket: SharedBucket, names: list[str], problems: list[str]) -> dict[str, Any]:
+    """`wait_finished` for done/, with a failure noted in `problems` (the other checks still run) instead."""
+    try:
+        return wait_finished(bucket, names, "done", "done", 60)
+    except AssertionError as exc:
+        problems.append(str(exc))
+        return {}
+
+
 def assert_clean_logs(nodes: list[DaemonProcess]) -> None:
     for node in nodes:
         text = node.log()
@@ -166,11 +175,7 @@ def test_three_nodes_do_300_items_exactly_once(bucket: SharedBucket, daemon: Sta
     bucket.put_many((f"inbox/{name}", f"{name}\n".encode()) for name in names)
     # Every check runs and every problem is reported together: one failure must not hide another.
     problems: list[str] = []
-    statuses: dict[str, Any] = {}
-    try:
-        statuses = wait_finished(bucket, names, "done", "done", 60)
-    except AssertionError as exc:
-        problems.append(str(exc))
+    statuses = finished_or_noted(bucket, names, problems)
     elapsed = time.monotonic() - started
 
     runs = exec_runs(log)
@@ -266,11 +271,7 @@ def test_a_killed_node_and_a_cut_off_node_lose_nothing(bucket: SharedBucket, dae
 
     # Every check runs and every problem is reported together: one failure must not hide another.
     problems: list[str] = []
-    statuses: dict[str, Any] = {}
-    try:
-        statuses = wait_finished(bucket, names, "done", "done", 60)
-    except AssertionError as exc:
-        problems.append(str(exc))
+    statuses = finished_or_noted(bucket, names, problems)
     for node in (node_b, node_c):
         if node.process is None or node.process.poll() is not None:
             problems.append(f"{node.log_path.name} stopped:\n{node.log()[-2000:]}")
