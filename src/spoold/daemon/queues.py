@@ -30,6 +30,8 @@ from spoold.fsio import now_iso
 
 log = logging.getLogger("spoold")
 
+# How many waiting items keep their sidecar documents in memory (read again at dispatch beyond that).
+KEEP_LOADED = 256
 StartWorker = Callable[["QueueBook", Sidecar, ArrivingItem | None], threading.Thread]
 # (queue, outcome: done, failed or rejected, wall-clock time): the loop's metrics count items ending.
 OnEnded = Callable[[str, str, float], None]
@@ -51,7 +53,9 @@ class QueueBook:
         self.pending: deque[str] = deque()
         self.running: dict[str, threading.Thread] = {}
         self.retry_at: dict[str, float] = {}
-        self.sidecars: dict[str, Sidecar] = {}
+        # Every tracked item with work left. Its document is kept only while it runs or arrives, or while few
+        # wait (None: on disk, read at dispatch): a burst of 100,000 queued items must not hold 100,000 documents.
+        self.sidecars: dict[str, Sidecar | None] = {}
         # Provisional items whose bundle is still being written into the inbox, by item name.
         self.arriving: dict[str, ArrivingItem] = {}
         self.states: dict[str, str] = {}
@@ -97,7 +101,7 @@ class QueueBook:
             return
         if name in self.running or self.is_closed:
             return
-        self.sidecars[name] = sidecar
+        self.sidecars[name] = sidecar if len(self.pending) < KEEP_LOADED or name in self.arriving else None
         if self.gathering.take(sidecar):
             return
         if sidecar.state == "retrying":
@@ -204,7 +208,9 @@ class QueueBook:
         item.complete(fields, rejection)
         if item.item in self.running:
             return  # its runner settles the sidecar
-        sidecar = self.sidecars[item.item]
+        sidecar = self._sidecar(item.item)
+        if sidecar is None:
+            return  # its sidecar is gone (removed behind the daemon's back): nothing to settle
         arriving.settle(self.folders, sidecar, item.entry, fields)
         item.close()
         if rejection:
@@ -246,10 +252,20 @@ class QueueBook:
     def dispatch(self, start_worker: StartWorker) -> None:
         while self.pending and len(self.running) < self.queue.spec.concurrency and not self.is_closed:
             name = self.pending.popleft()
-            sidecar = self.sidecars.get(name)
-            if sidecar is None or name in self.running:
+            if name not in self.sidecars or name in self.running:
+                continue
+            sidecar = self._sidecar(name)
+            if sidecar is None or sidecar.state not in ACTIVE_STATES:
+                self.forget(name)  # removed or finished behind the daemon's back: a rescan finds what is left
                 continue
             self.running[name] = start_worker(self, sidecar, self.arriving.get(name))
+
+    def _sidecar(self, name: str) -> Sidecar | None:
+        """The item's sidecar, read from disk now if it was not kept in memory."""
+        sidecar = self.sidecars.get(name)
+        if sidecar is None and name in self.sidecars:
+            sidecar = self.sidecars[name] = Sidecar.load(self.folders.sidecar_path(name))
+        return sidecar
 
     def item_stop(self, item: str) -> threading.Event:
         """What stops one running item: set for all by `stop`, for one by `revoke`."""
@@ -295,6 +311,8 @@ class QueueBook:
         self.set_state(item, sidecar.state)
         if outcome.verdict == "retry" and outcome.retry_at is not None and not self.is_closed:
             self.retry_at[item] = time.monotonic() + max(0.0, outcome.retry_at - time.time())
+            if len(self.retry_at) > KEEP_LOADED:
+                self.sidecars[item] = None  # read again when its retry is due
             return
         if outcome.verdict in ("done", "failed"):
             self.sidecars.pop(item, None)
