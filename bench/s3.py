@@ -1,24 +1,41 @@
 """spoold's s3:// multipart upload vs boto3's own `upload_file`, to a local moto S3 server.
 
-    python -m bench.s3              # 256 MiB; SPOOLD_BENCH_MB=1024 for the 1 GiB figure
+    python -m bench.s3              # both cases below, then the resume figure
+    SPOOLD_BENCH_CASES=small python -m bench.s3     # or `large`, or `small,large`
 
-Same file, same part size (SPOOLD_BENCH_PART_MB, default 16) and concurrency
-(SPOOLD_BENCH_CONCURRENCY, default 4), same server, same run. Each upload runs
-in its own child process so its peak RSS is its own. Then the resume figure:
-a spoold upload is killed (SIGKILL) at about 50 % and resumed; printed is how
-many parts already on the server were sent again (target: at most concurrency).
+Cases (same file, same part size and concurrency, same server, same run):
+- small: SPOOLD_BENCH_MB (default 256) MiB in SPOOLD_BENCH_PART_MB (default 16) MiB parts,
+  SPOOLD_BENCH_CONCURRENCY (default 4) in flight;
+- large: 1 GiB in 100 MiB parts, 10 in flight (issue #16, field note 003): the
+  memory case, target peak RSS <= 80 MiB.
+Each case runs boto3 `upload_file` (its default CRC32 per part), spoold, and
+boto3 `upload_file` with `ChecksumAlgorithm: SHA256` (the per-part checksum
+spoold sends, which the server must verify too) interleaved (A B C A B C ...,
+SPOOLD_BENCH_RUNS=3),
+each upload in its own child process so its wall time, CPU time (user + system,
+from wait4) and peak RSS (the child's own VmHWM) are its own; printed are the
+medians and the spoold/boto3 ratios of the medians (targets: CPU <= 1.1, wall
+<= 1.05). spoold is given the file's sha256, as the `checksum` step before
+`ship` gives it in field note 003's chain (without it, `put_file` hashes the
+whole file first: one more SHA-256 pass, about 0.6 s of CPU per GiB here).
+Then the resume figure: a spoold upload is killed (SIGKILL) at about 50 % and
+resumed; printed is how many parts already on the server were sent again
+(target: at most concurrency).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +47,26 @@ BUCKET = "spoold-bench"
 ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def _settings(endpoint: str) -> dict[str, Any]:
-    part_mb = int(os.environ.get("SPOOLD_BENCH_PART_MB", "16"))
-    concurrency = int(os.environ.get("SPOOLD_BENCH_CONCURRENCY", "4"))
+def _settings(endpoint: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    part_mb = int(env.get("SPOOLD_BENCH_PART_MB", "16"))
+    concurrency = int(env.get("SPOOLD_BENCH_CONCURRENCY", "4"))
     return {"endpoint_url": endpoint, "part_size": part_mb * MiB, "concurrency": concurrency}
 
 
-def child(method: str, endpoint: str, source: str, checkpoint_file: str = "") -> None:
+def child(method: str, endpoint: str, source: str, checkpoint_file: str = "", sha256: str = "") -> None:
     """One upload in this process (run as `python -m bench.s3 --child ...`)."""
     settings = _settings(endpoint)
-    if method == "boto3":
+    if method in ("boto3", "boto3-sha256"):
         import boto3
         from boto3.s3.transfer import TransferConfig
 
         client = boto3.client("s3", endpoint_url=endpoint)
         config = TransferConfig(multipart_threshold=settings["part_size"], multipart_chunksize=settings["part_size"],
                                 max_concurrency=settings["concurrency"], use_threads=True)  # fmt: skip
-        client.upload_file(source, BUCKET, "boto3.bin", Config=config)
+        # boto3-sha256: the same per-part checksum as spoold's (the server verifies SHA-256, not CRC32, per part).
+        extra = {"ChecksumAlgorithm": "SHA256"} if method == "boto3-sha256" else {}
+        client.upload_file(source, BUCKET, f"{method}.bin", Config=config, ExtraArgs=extra)
+        _report_peak_rss()
         return
     from spoold.transports.base import TransferContext, parse_url
     from spoold.transports.s3 import S3Transport
@@ -61,18 +81,74 @@ def child(method: str, endpoint: str, source: str, checkpoint_file: str = "") ->
     transport = S3Transport(parse_url(f"s3://{BUCKET}/"), settings)
     ctx = TransferContext(progress=lambda _d, _t: None, checkpoint=checkpoint, save_checkpoint=save,
                           check_stop=lambda: None)  # fmt: skip
-    transport.put_file(Path(source), "/spoold.bin", None, ctx)
+    transport.put_file(Path(source), "/spoold.bin", sha256 or None, ctx)
+    _report_peak_rss()
 
 
-def run_child(args: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child upload."""
+def _report_peak_rss() -> None:
+    """This process's own peak RSS, for `run_child`: wait4's ru_maxrss of a child started by vfork (as
+    subprocess does) starts from the parent's peak, so it would report the larger of the two."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            print(f"peak-rss-kib {line.split()[1]}", flush=True)
+
+
+def run_child(args: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system, from wait4) and peak RSS (bytes, VmHWM) of one child upload."""
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "bench.s3", "--child", *args], cwd=REPO, env=env)
+    process = subprocess.Popen([sys.executable, "-m", "bench.s3", "--child", *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE)  # fmt: skip
+    assert process.stdout is not None
+    output = process.stdout.read().decode()
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
         raise RuntimeError(f"child {args[0]} failed with {process.returncode}")
-    return time.perf_counter() - start, usage.ru_maxrss * 1024
+    peak = [int(line.split()[1]) * 1024 for line in output.splitlines() if line.startswith("peak-rss-kib ")]
+    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime, peak[-1] if peak else 0
+
+
+def write_source(path: Path, size_mb: int) -> str:
+    """`size_mb` MiB of random bytes at `path`; their hex sha256."""
+    block = os.urandom(16 * MiB)
+    digest = hashlib.sha256()
+    with open(path, "wb") as stream:
+        for offset in range(0, size_mb * MiB, len(block)):
+            piece = block[: min(len(block), size_mb * MiB - offset)]
+            digest.update(piece)
+            stream.write(piece)
+    return digest.hexdigest()
+
+
+def compare(name: str, endpoint: str, source: Path, sha256: str, env: dict[str, str], client: Any) -> dict[str, float]:
+    """boto3 vs spoold on `source`, interleaved; prints and returns the medians and ratios."""
+    settings = _settings(endpoint, env)
+    size_mb = source.stat().st_size / MiB
+    runs = int(os.environ.get("SPOOLD_BENCH_RUNS", "3"))
+    print(f"{name}: {size_mb:.0f} MiB, part_size {settings['part_size'] // MiB} MiB, concurrency "
+          f"{settings['concurrency']}, {runs} interleaved runs, moto server at {endpoint}", flush=True)  # fmt: skip
+    results: dict[str, list[tuple[float, float, int]]] = {"boto3": [], "spoold": [], "boto3-sha256": []}
+    for _ in range(runs):
+        for method, runs_of in results.items():
+            runs_of.append(run_child([method, endpoint, str(source), "", sha256], env))
+            client.delete_object(Bucket=BUCKET, Key=f"{method}.bin")
+    medians: dict[str, float] = {}
+    for method, runs_of in results.items():
+        wall = statistics.median(r[0] for r in runs_of)
+        cpu = statistics.median(r[1] for r in runs_of)
+        rss = max(r[2] for r in runs_of)
+        medians.update({f"{method}_wall": wall, f"{method}_cpu": cpu, f"{method}_rss": rss / MiB})
+        each = ", ".join(f"{r[0]:.2f}/{r[1]:.2f}" for r in runs_of)
+        print(f"  {method:12s} wall {wall:6.2f} s ({size_mb / wall:6.1f} MiB/s)  CPU {cpu:6.2f} s "
+              f"({cpu / (size_mb / 1024):5.2f} s/GiB)  peak RSS {rss / MiB:6.1f} MiB   [wall/CPU: {each}]")  # fmt: skip
+    for reference in ("boto3", "boto3-sha256"):
+        medians[f"wall_ratio_{reference}"] = wall_ratio = medians["spoold_wall"] / medians[f"{reference}_wall"]
+        medians[f"cpu_ratio_{reference}"] = cpu_ratio = medians["spoold_cpu"] / medians[f"{reference}_cpu"]
+        print(f"  ratio spoold/{reference} (medians): wall {wall_ratio:.2f} (target <= 1.05), "
+              f"CPU {cpu_ratio:.2f} (target <= 1.1)")  # fmt: skip
+    print(f"  spoold peak RSS {medians['spoold_rss']:.0f} MiB (target <= 80 MiB; boto3 "
+          f"{medians['boto3_rss']:.0f} MiB)", flush=True)  # fmt: skip
+    return medians
 
 
 def start_moto(log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -132,38 +208,29 @@ def resume_figure(endpoint: str, source: Path, folder: Path, env: dict[str, str]
 def main() -> None:
     import boto3
 
+    cases = os.environ.get("SPOOLD_BENCH_CASES", "small,large").split(",")
     size_mb = int(os.environ.get("SPOOLD_BENCH_MB", "256"))
-    with tempfile.TemporaryDirectory(prefix="spoold-bench-s3-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="spoold-bench-s3-", dir="/tmp") as tmp:
         folder = Path(tmp)
-        source = folder / "data.bin"
-        block = os.urandom(16 * MiB)
-        with open(source, "wb") as stream:
-            for offset in range(0, size_mb * MiB, len(block)):
-                stream.write(block[: min(len(block), size_mb * MiB - offset)])
         moto, endpoint = start_moto(folder / "moto.log")
         env = {**os.environ, **ENV}
         os.environ.update(ENV)
         try:
             client = boto3.client("s3", endpoint_url=endpoint)
             client.create_bucket(Bucket=BUCKET)
-            settings = _settings(endpoint)
-            print(f"{size_mb} MiB, part_size {settings['part_size'] // MiB} MiB, concurrency "
-                  f"{settings['concurrency']}, moto server at {endpoint}")  # fmt: skip
-            results: dict[str, tuple[float, int]] = {}
-            for method in ("boto3", "spoold", "boto3", "spoold"):
-                seconds, rss = run_child([method, endpoint, str(source)], env)
-                best = results.get(method)
-                results[method] = (min(seconds, best[0]) if best else seconds, max(rss, best[1]) if best else rss)
-                client.delete_object(Bucket=BUCKET, Key=f"{method}.bin")
-            for method, (seconds, rss) in results.items():
-                print(f"  {method:7s} {seconds:6.2f} s  {size_mb / seconds:7.1f} MiB/s  peak RSS {rss / MiB:6.1f} MiB")
-            budget = settings["concurrency"] * settings["part_size"] / MiB + 80
-            print(f"  ratio spoold/boto3 time: {results['spoold'][0] / results['boto3'][0]:.2f} (target <= 1.1)")
-            print(f"  spoold peak RSS {results['spoold'][1] / MiB:.0f} MiB (target < concurrency x part_size + 80 MiB"
-                  f" = {budget:.0f} MiB)")  # fmt: skip
-            count, on_server, resent = resume_figure(endpoint, source, folder, env)
-            print(f"  resume after SIGKILL at ~50%: {on_server} of {count} parts were on the server, "
-                  f"{resent} of them sent again (target <= concurrency = {settings['concurrency']})")  # fmt: skip
+            source = folder / "data.bin"
+            if "small" in cases:
+                sha256 = write_source(source, size_mb)
+                compare("small", endpoint, source, sha256, env, client)
+                count, on_server, resent = resume_figure(endpoint, source, folder, env)
+                print(f"  resume after SIGKILL at ~50%: {on_server} of {count} parts were on the server, "
+                      f"{resent} of them sent again (target <= concurrency = {_settings(endpoint)['concurrency']})",
+                      flush=True)  # fmt: skip
+                client.delete_object(Bucket=BUCKET, Key="spoold.bin")
+            if "large" in cases:
+                sha256 = write_source(source, 1024)
+                compare("large", endpoint, source, sha256,
+                        {**env, "SPOOLD_BENCH_PART_MB": "100", "SPOOLD_BENCH_CONCURRENCY": "10"}, client)  # fmt: skip
         finally:
             moto.terminate()
             moto.wait(timeout=10)

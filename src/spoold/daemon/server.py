@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from spoold.daemon import memory
 from spoold.daemon.arriving import ArrivingItem
 from spoold.daemon.config import Config, Queue, load_config, reload_problem
 from spoold.daemon.health import NodeStatus, live_counts, write_health
@@ -59,8 +60,7 @@ EXIT_FORCED = 1
 
 class Server:
     def __init__(self, config: Config, config_path: Path | None) -> None:
-        self.config = config
-        self.config_path = config_path
+        self.config, self.config_path = config, config_path
         self.layout = SpoolLayout(config.spool, config.queues, config.group)
         self.messages: queue_module.SimpleQueue[Message] = queue_module.SimpleQueue()
         self.is_stopping = False
@@ -94,6 +94,7 @@ class Server:
     # ---- start up ----------------------------------------------------------------------------------------------
 
     def start_up(self) -> None:
+        memory.limit_arenas()  # before any thread starts
         self.layout.ensure()
         guarded("tightening claimed items' folders", self.layout.tighten_items)
         guarded("removing stale temp files", self.layout.remove_stale_temps)
@@ -271,6 +272,8 @@ class Server:
         if now >= self._next["health"]:
             self._next["health"] = now + HEALTH_INTERVAL_SECONDS
             guarded("writing health.json", self._write_health)
+            if not any(b.running or b.pending for b in self.books.values()):
+                memory.give_back()
         else:
             self.notifier.status(self.node_status().status_line())
 
@@ -282,15 +285,13 @@ class Server:
 
     def _start_worker(self, book: QueueBook, sidecar: Sidecar, arriving: ArrivingItem | None) -> threading.Thread:
         runner = ItemRunner(self.config, self.layout, book.queue, sidecar, transports=self.transports,
-                            stop_event=book.item_stop(sidecar.name), post=self.messages.put,
-                            arriving=arriving)  # fmt: skip
-        thread = threading.Thread(target=runner.run_and_report, name=f"{book.name}/{sidecar.name}")
-        thread.start()
+                            stop_event=book.item_stop(sidecar.name), post=self.messages.put, arriving=arriving)
+        (thread := threading.Thread(target=runner.run_and_report, name=f"{book.name}/{sidecar.name}")).start()
         return thread
 
     # ---- books -------------------------------------------------------------------------------------------------
 
-    def _all_books(self) -> list[QueueBook]:
+    def _all_books(self) -> list[QueueBook]:  # serving, and removed from the config but still running
         return [*self.books.values(), *self.retiring.values()]
 
     def _book(self, name: str) -> QueueBook | None:

@@ -8,8 +8,10 @@ Credentials come from boto3's usual chain or a systemd credential (see
 its debug output carries signed headers.
 
 A file below `part_size` is one PUT; a larger one is a multipart upload whose
-parts go up in parallel, at most `concurrency` in flight (memory stays near
-`concurrency x part_size`). The upload id and each finished part (number, ETag,
+parts go up in parallel, at most `concurrency` in flight. Bodies are streamed
+from the file (`s3_parts.PartBody`: botocore reads them in pieces), each part's
+SHA-256 from a streaming pass first, so memory does not grow with
+`concurrency x part_size`. The upload id and each finished part (number, ETag,
 SHA-256) are saved in the step's checkpoint as they finish, so a restarted
 daemon asks the server which parts it holds (ListParts) and sends only the rest;
 an upload id the server forgot starts afresh, and a permanent failure aborts the
@@ -29,7 +31,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ from spoold.transports.s3_errors import b64sha256 as _b64sha
 from spoold.transports.s3_errors import error_code as _code
 from spoold.transports.s3_errors import http_status as _status
 from spoold.transports.s3_errors import mapped as _mapped
-from spoold.transports.s3_paced import UploadProgress, enable_pacing, stop_as_interrupted
+from spoold.transports.s3_parts import PartProgress, b64, enable_part_pacing, part_exceptions, range_digests
 
 log = logging.getLogger("spoold.s3")
 
@@ -60,14 +62,12 @@ def _matching_etag(source: Path, offset: int, length: int, etag: str) -> str | N
     try:
         fd = os.open(source, os.O_RDONLY)
         try:
-            data = os.pread(fd, length, offset)
+            digest, md5 = range_digests(fd, offset, length, md5=True)
         finally:
             os.close(fd)
-    except OSError:
-        return None  # the upload that follows meets it again and reports it
-    if len(data) != length or hashlib.md5(data, usedforsecurity=False).hexdigest() != etag.strip('"'):
-        return None
-    return _b64sha(data)
+    except (OSError, PermanentError):
+        return None  # the upload that follows meets it again and reports it (a shrunk file: PermanentError)
+    return b64(digest) if md5 == etag.strip('"') else None
 
 
 class S3Transport(Transport):
@@ -78,7 +78,7 @@ class S3Transport(Transport):
         self.concurrency = int(settings.get("concurrency") or 4)
         with _mapped(f"s3://{self.bucket}"):
             self.client: Any = s3_client(settings, self.concurrency + 2)
-        enable_pacing(self.client)
+        enable_part_pacing(self.client)
 
     def close(self) -> None:
         self.client.close()
@@ -136,12 +136,17 @@ class S3Transport(Transport):
         return s3_documents.write_document(self.client, self.bucket, self._key(target), data, version)
 
     def _put_single(self, source: Path, key: str, size: int, sha256: str, ctx: TransferContext) -> None:
-        data = source.read_bytes()  # below part_size, so bounded
-        ctx.check_stop()
-        body = UploadProgress(0, size, ctx.progress, ctx.pace).body(1, data)
-        with stop_as_interrupted():
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ChecksumSHA256=_b64sha(data),
-                                   Metadata={"sha256": sha256})  # fmt: skip
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            # The checksum of the bytes sent, not the file's sha256 from before: a change shows in `_verify`.
+            digest = range_digests(fd, 0, size, ctx.check_stop)[0]
+            ctx.check_stop()
+            body = PartProgress(0, size, ctx.progress, ctx.pace).part_body(1, fd, 0, size, digest)
+            with part_exceptions():
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ChecksumSHA256=b64(digest),
+                                       Metadata={"sha256": sha256})  # fmt: skip
+        finally:
+            os.close(fd)
 
     def _put_multipart(self, source: Path, key: str, size: int, sha256: str, ctx: TransferContext) -> None:
         cp = ctx.checkpoint
@@ -237,7 +242,7 @@ class S3Transport(Transport):
         missing = [n for n in range(1, count + 1) if str(n) not in parts]
         done = sum(min(part_size, size - (int(n) - 1) * part_size) for n in parts)
         ctx.progress(done, size)
-        progress = UploadProgress(done, size, ctx.progress, ctx.pace)
+        progress = PartProgress(done, size, ctx.progress, ctx.pace)
         if missing:
             log.info("s3://%s/%s: sending %d of %d parts", self.bucket, key, len(missing), count)
         with_checksum = cp.get("checksum") == "SHA256"
@@ -251,7 +256,7 @@ class S3Transport(Transport):
                     ctx.check_stop()
                     length = min(part_size, size - (number - 1) * part_size)
                     args = (fd, key, cp["upload_id"], number, (number - 1) * part_size, length, with_checksum,
-                            progress)  # fmt: skip
+                            progress, ctx.check_stop)  # fmt: skip
                     running[pool.submit(self._upload_part, *args)] = number
                 if not running:
                     break
@@ -276,17 +281,21 @@ class S3Transport(Transport):
 
     def _upload_part(
         self, fd: int, key: str, upload_id: str, number: int, offset: int, length: int, with_checksum: bool,
-        progress: UploadProgress,
+        progress: PartProgress, check_stop: Callable[[], None],
     ) -> dict[str, Any]:  # fmt: skip
-        data = os.pread(fd, length, offset)
-        if len(data) != length:
-            raise PermanentError(f"the local file shrank while uploading part {number} of s3://{self.bucket}/{key}")
-        checksum = _b64sha(data)
+        where = f"s3://{self.bucket}/{key} part {number}"
+        try:
+            digest = range_digests(fd, offset, length, check_stop)[0]  # streamed: no part is held whole
+        except PermanentError as exc:
+            raise PermanentError(f"{where}: {exc}") from None
+        checksum = b64(digest)
         extra = {"ChecksumSHA256": checksum} if with_checksum else {}
-        # Paced as it is sent (the caps; a stop is noticed within one socket write, and the part sent again).
-        with _mapped(f"s3://{self.bucket}/{key} part {number}"), stop_as_interrupted():
+        # Read from the file and paced as it is sent (the caps; a stop is noticed within one socket write, and the
+        # part sent again); a file that shrank since the hashing fails it permanently (`ShortRead`).
+        with _mapped(where, is_local_read=True), part_exceptions():
             reply = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                            Body=progress.body(number, data), **extra)  # fmt: skip
+                                            Body=progress.part_body(number, fd, offset, length, digest),
+                                            **extra)  # fmt: skip
         return {"etag": reply["ETag"], "sha256": reply.get("ChecksumSHA256") or checksum, "bytes": length}
 
     def _complete(self, key: str, cp: dict[str, Any], count: int) -> None:
