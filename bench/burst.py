@@ -1,0 +1,93 @@
+"""A burst of small items: items/s, the daemon's peak memory during it, and its memory once idle again.
+
+    python -m bench.burst          # SPOOLD_BENCH_BURST_ITEMS (5000) files of 1 KiB, checksum -> ship file://
+
+The files are written first, then renamed into the inbox as fast as the producer can (`settle: 0s`,
+`concurrency: 4`). Peak memory is the daemon's VmHWM; "idle" is its VmRSS 10 s after the last item, once it
+has handed freed memory back (daemon/memory.py). The durable-write rate beside it is write, fsync, rename,
+fsync of the folder of a 1 KiB file in the same folder, timed in the same run: what the disk allows.
+Targets (issue 16): >= 1,000 items/s; < 60 MiB during a burst of 100,000; < 35 MiB idle.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import wait_for  # noqa: E402
+
+
+def _status(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def durable_writes_per_second(folder: Path, count: int = 500) -> float:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(1024)
+    started = time.perf_counter()
+    fd_dir = os.open(folder, os.O_RDONLY)
+    try:
+        for n in range(count):
+            tmp, final = folder / f".t{n}", folder / f"f{n}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, data)
+            os.fsync(fd)
+            os.close(fd)
+            os.rename(tmp, final)
+            os.fsync(fd_dir)
+    finally:
+        os.close(fd_dir)
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    items = int(os.environ.get("SPOOLD_BENCH_BURST_ITEMS", "5000"))
+    with tempfile.TemporaryDirectory(prefix="spoold-bench-burst-", dir=os.environ.get("SPOOLD_BENCH_DIR")) as tmp:
+        root = Path(tmp)
+        spool, out, source = root / "spool", root / "out", root / "source"
+        config = root / "spoold.yaml"
+        config.write_text(f"spool: {spool}\nqueues:\n  q:\n    concurrency: 4\n    settle: 0s\n    chain:\n"
+                          f"      - checksum: {{algorithms: [sha256]}}\n      - ship: {{to: 'file://{out}/'}}\n")
+        source.mkdir()
+        for n in range(items):
+            (source / f"f{n:06d}").write_bytes(os.urandom(1024))
+        disk_rate = durable_writes_per_second(root / "durable")
+        log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed below
+        daemon = subprocess.Popen([sys.executable, "-m", "spoold", "run", "-c", str(config)], stderr=log,
+                                  stdin=subprocess.DEVNULL)  # fmt: skip
+        try:
+            wait_for((spool / "health.json").exists, 30, "the daemon ready", interval=0.1)
+            before = _status(daemon.pid, "VmRSS")
+            started = time.perf_counter()
+            for n in range(items):
+                os.rename(source / f"f{n:06d}", spool / "q" / "inbox" / f"f{n:06d}")
+            wait_for(lambda: out.is_dir() and len(os.listdir(out)) >= items, 60 + items / 10, f"{items} shipped",
+                     interval=0.2)  # fmt: skip
+            elapsed = time.perf_counter() - started
+            peak = _status(daemon.pid, "VmHWM")
+            time.sleep(10)  # the idle figure is what is left after this long without work
+            idle = _status(daemon.pid, "VmRSS")
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=30)
+            log.close()
+    mib = 1 << 20
+    print(f"{items} items of 1 KiB, checksum -> ship file://, concurrency 4")
+    print(f"  items/s                  {items / elapsed:8.0f}   (durable writes/s on this disk: {disk_rate:.0f}; "
+          "target >= 1,000 items/s)")
+    print(f"  RSS before / peak / idle {before / mib:5.1f} / {peak / mib:5.1f} / {idle / mib:5.1f} MiB   "
+          "(targets: < 60 MiB during the burst, < 35 MiB idle)")
+
+
+if __name__ == "__main__":
+    main()
