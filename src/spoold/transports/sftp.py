@@ -2,28 +2,28 @@
 
 Uploads go to `.<name>.spoold.part` beside the target, resume from the remote
 size once the remote prefix hashes like the local one (a corrupted partial is
-re-sent, unlike `sftp reput`), are hashed while sent, verified on the far side
-(`sha256sum` over an exec channel, else by reading back) and then renamed into
-place with `posix-rename`. Host keys are checked against `known_hosts`, or
-recorded on first use with `host_key: tofu`; never accepted silently.
+re-sent, unlike `sftp reput`), are hashed while sent (`sftp_upload`), verified on
+the far side with the fastest digest tool it has, probed once per connection
+(`sftp_digest`; a large file is hashed there while it lands), else by reading
+back, and then renamed into place with `posix-rename`. Host keys are checked
+against `known_hosts`, or recorded on first use with `host_key: tofu`; never
+accepted silently.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import posixpath
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import paramiko
 
-from spoold.errors import CommandTimedOut, Interrupted, PermanentError, SpooldError, TransientError
+from spoold.errors import CommandTimedOut, PermanentError, SpooldError, TransientError
 from spoold.transports import ssh_exec
 from spoold.transports.base import (
     CONNECTION_KEYS,
@@ -38,10 +38,8 @@ from spoold.transports.base import (
 )
 from spoold.transports.landing import Landing
 from spoold.transports.local import part_name
-from spoold.transports.sftp_digest import FarDigests
+from spoold.transports.sftp_digest import Armed, FarDigests
 from spoold.transports.sftp_tree import (
-    CHUNK_BYTES,
-    REQUEST_BYTES,
     entry,
     fetch,
     has_magic,
@@ -52,8 +50,8 @@ from spoold.transports.sftp_tree import (
     pull_listing,
     rmtree,
 )
+from spoold.transports.sftp_upload import send, unchanged
 from spoold.transports.ssh_connect import connect, open_sftp
-from spoold.transports.stall import StallWatch
 
 log = logging.getLogger("spoold.sftp")
 # paramiko logs every connection and authentication at INFO; the daemon's log keeps only its problems.
@@ -63,9 +61,6 @@ PART_SUFFIX = ".spoold.part"
 WINDOW_BYTES = 64 << 20
 PACKET_BYTES = 32 << 10
 VERIFY_BATCH = 200
-CHECKPOINT_EVERY_BYTES = 64 << 20
-# A slow (or capped) upload records its offset this often too, so a crash loses little to the prefix re-check.
-CHECKPOINT_EVERY_SECONDS = 10.0
 
 
 def temp_name(target: str) -> str:
@@ -100,6 +95,7 @@ class SftpTransport(Transport):
                 with self._mapped(f"connect to {self.url.host}"):
                     self._ssh = connect(self.url, self.settings, WINDOW_BYTES, PACKET_BYTES)
                 self._digests = FarDigests(self._ssh, self._io_timeout)
+                self._digests.start_probe()
             return self._ssh
 
     def _client(self) -> paramiko.SFTPClient:
@@ -156,10 +152,19 @@ class SftpTransport(Transport):
         tmp = temp_name(target)
         with self._mapped(f"upload to {self.url.host}:{target}"):
             makedirs(client, posixpath.dirname(target))
-            size, sent = self._send(client, source, tmp, ctx, 0)
-            if sha256 and sent != sha256:
-                raise PermanentError(f"{source.name} changed since its checksum was taken")
-            self._far_digests().verify(client, {tmp: sha256 or sent}, f"{self.url.host}:{target}")
+            armed: list[Armed | None] = []  # the far digest, started once the upload has opened the file
+            length = source.stat().st_size
+            try:
+                size, (algorithm, expected), is_hashed = self._send(
+                    client, source, tmp, ctx, 0, sha256 or None,
+                    lambda: armed.append(self._far_digests().arm(tmp, length)))  # fmt: skip
+                self._far_digests().verify(client, {tmp: expected}, f"{self.url.host}:{target}", algorithm,
+                                           None if is_hashed else lambda _p: unchanged(source, expected),
+                                           armed[0] if armed else None)  # fmt: skip
+            finally:
+                for started in armed:
+                    if started is not None:
+                        started.close()
             client.posix_rename(tmp, target)
         return Delivered(target, size, is_verified=True)
 
@@ -175,7 +180,8 @@ class SftpTransport(Transport):
                 verified.clear()  # the partial folder is gone on the far side: everything goes again
                 done_set.clear()
             makedirs(client, tmp)
-            pending: dict[str, str] = {}
+            pending: dict[str, tuple[str, str]] = {}  # remote -> (algorithm, digest)
+            sources: dict[str, Path] = {}  # files whose far digest is compared with the checksum step's only
             for relative, path in local_tree(source):
                 remote = join_remote(tmp, relative)
                 if path is None:
@@ -186,14 +192,14 @@ class SftpTransport(Transport):
                     continue
                 ctx.check_stop()
                 makedirs(client, posixpath.dirname(remote))
-                size, sent = self._send(client, path, remote, ctx, total)
+                size, expected, is_hashed = self._send(client, path, remote, ctx, total, digests.get(relative))
                 total += size
-                if relative in digests and digests[relative] != sent:
-                    raise PermanentError(f"{relative} changed since its checksum was taken")
-                pending[remote] = sent
+                pending[remote] = expected
+                if not is_hashed:
+                    sources[remote] = path
                 if len(pending) >= VERIFY_BATCH:
-                    self._verify_batch(client, pending, tmp, verified, ctx)
-            self._verify_batch(client, pending, tmp, verified, ctx)
+                    self._verify_batch(client, pending, sources, tmp, verified, ctx)
+            self._verify_batch(client, pending, sources, tmp, verified, ctx)
             if self.stat(final) is not None:
                 # An earlier delivery of the same item (a re-run after a crash) is replaced whole.
                 rmtree(client, final)
@@ -201,13 +207,22 @@ class SftpTransport(Transport):
         return Delivered(final, total, is_verified=True)
 
     def _verify_batch(
-        self, client: paramiko.SFTPClient, pending: dict[str, str], tmp: str, verified: list[str], ctx: TransferContext
-    ) -> None:
+        self, client: paramiko.SFTPClient, pending: dict[str, tuple[str, str]], sources: dict[str, Path], tmp: str,
+        verified: list[str], ctx: TransferContext,
+    ) -> None:  # fmt: skip
         if not pending:
             return
-        self._far_digests().verify(client, pending, f"{self.url.host}:{tmp}")
+
+        def changed(remote: str) -> None:
+            if remote in sources:
+                unchanged(sources[remote], pending[remote][1])
+
+        for algorithm in sorted({a for a, _ in pending.values()}):  # one, unless a far tool failed meanwhile
+            expected = {remote: digest for remote, (a, digest) in pending.items() if a == algorithm}
+            self._far_digests().verify(client, expected, f"{self.url.host}:{tmp}", algorithm, changed)
         verified.extend(posixpath.relpath(p, tmp) for p in pending)
         pending.clear()
+        sources.clear()
         ctx.save_checkpoint()
 
     def write_small(self, target: str, data: bytes) -> None:
@@ -220,72 +235,13 @@ class SftpTransport(Transport):
             client.posix_rename(tmp, target)
 
     def _send(
-        self, client: paramiko.SFTPClient, source: Path, remote: str, ctx: TransferContext, base: int
-    ) -> tuple[int, str]:
-        """Write `source` to `remote`, resuming a partial whose prefix matches; return (size, sha256 sent)."""
-        size = source.stat().st_size
-        hasher = hashlib.sha256()
-        with open(source, "rb", buffering=0) as reader:
-            offset = self._resume_offset(client, remote, reader, hasher, size)
-            if not offset:
-                hasher = hashlib.sha256()
-                reader.seek(0)
-            ctx.checkpoint.update(remote_tmp=remote, offset=offset)
-            ctx.save_checkpoint()
-            piece = ctx.chunk_bytes(CHUNK_BYTES)
-            done = offset
-            watch = StallWatch(client.get_channel().get_transport(), self._io_timeout)
-            try:
-                with watch, client.open(remote, "r+b" if offset else "wb") as writer:
-                    writer.MAX_REQUEST_SIZE = REQUEST_BYTES
-                    writer.set_pipelined(True)
-                    writer.seek(offset)
-                    saved, saved_at = offset, time.monotonic()
-                    ctx.progress(base + done, base + size)
-                    while chunk := reader.read(piece):
-                        watch.pause()
-                        ctx.pace(len(chunk))  # the caps, and a stop noticed within one piece
-                        watch.touch()
-                        hasher.update(chunk)
-                        for start in range(0, len(chunk), REQUEST_BYTES):  # one request each: the watch sees it
-                            writer.write(chunk[start : start + REQUEST_BYTES])
-                            watch.touch()
-                        done += len(chunk)
-                        ctx.progress(base + done, base + size)
-                        if done - saved >= CHECKPOINT_EVERY_BYTES or time.monotonic() - saved_at >= \
-                                CHECKPOINT_EVERY_SECONDS:  # fmt: skip
-                            ctx.checkpoint["offset"] = saved = done
-                            saved_at = time.monotonic()
-                            ctx.save_checkpoint()
-            except Interrupted:
-                # Closing the file waited for the pipelined writes: the far side holds `done` bytes now.
-                ctx.checkpoint["offset"] = done
-                ctx.save_checkpoint()
-                raise
-            except (EOFError, OSError, paramiko.SSHException):
-                if watch.fired:
-                    raise TimeoutError(f"no progress for {self._io_timeout:g}s") from None
-                raise
-        return size, hasher.hexdigest()
-
-    def _resume_offset(self, client: paramiko.SFTPClient, remote: str, reader: Any, hasher: Any, size: int) -> int:
-        """How much of a remote partial can be kept: all of it when its prefix matches the local file."""
-        try:
-            existing = client.stat(remote).st_size or 0
-        except FileNotFoundError:
-            return 0
-        if not 0 < existing <= size:
-            return 0
-        left = existing
-        while left and (chunk := reader.read(min(CHUNK_BYTES, left))):
-            hasher.update(chunk)
-            left -= len(chunk)
-        remote_digest = self._far_digests().of_prefix(client, remote, existing)
-        if remote_digest != hasher.copy().hexdigest():
-            log.warning("%s: the partial upload does not match the local file; sending it again", remote)
-            return 0
-        log.info("%s: resuming upload at %d of %d bytes", remote, existing, size)
-        return existing
+        self, client: paramiko.SFTPClient, source: Path, remote: str, ctx: TransferContext, base: int,
+        given: str | None, opened: Callable[[], None] | None = None,
+    ) -> tuple[int, tuple[str, str], bool]:  # fmt: skip
+        """(size, (algorithm, the digest the far side must show), whether it was hashed here)."""
+        digests = self._far_digests()
+        return send(client, source, remote, ctx, base, given=given, digests=digests, timeout=self._io_timeout,
+                    opened=opened)  # fmt: skip
 
     def _far_digests(self) -> FarDigests:
         assert self._digests is not None, "connected by _client() first"
