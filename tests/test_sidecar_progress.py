@@ -26,9 +26,20 @@ def test_progress_held_back_by_the_limit_reaches_the_file_without_another_write(
     sidecar = new_sidecar(tmp_path)
     sidecar.set_progress(0, {"bytes_done": 1, "bytes_total": 10})
     sidecar.set_progress(0, {"bytes_done": 10, "bytes_total": 10, "log_tail": ["last line"]})
-    assert on_disk(sidecar.path)["bytes_done"] == 1, "the second update came within the second"
+    # Both came within the second after the sidecar's last write (which carried the progress so far).
+    assert on_disk(sidecar.path) == {}, "progress was written within a second of the last write"
     wait_for(lambda: on_disk(sidecar.path).get("bytes_done") == 10, 5, "the held-back progress to be written")
     assert on_disk(sidecar.path)["log_tail"] == ["last line"]
+
+
+def test_a_step_shorter_than_a_second_writes_no_progress_of_its_own(tmp_path: Path) -> None:
+    """A small item's step costs its start and its end, not a durable write of its progress in between."""
+    sidecar = new_sidecar(tmp_path)
+    sidecar.set_progress(0, {"bytes_done": 1024, "bytes_total": 1024})
+    sidecar.write()  # the step's end
+    mtime = sidecar.path.stat().st_mtime_ns
+    time.sleep(1.5)  # a window in which nothing may happen: a held-back progress write was due within it
+    assert sidecar.path.stat().st_mtime_ns == mtime, "the held-back progress was written after the step's end"
 
 
 def test_a_removed_sidecar_is_not_brought_back_by_held_back_progress(tmp_path: Path) -> None:

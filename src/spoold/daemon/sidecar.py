@@ -153,6 +153,9 @@ class Sidecar:
     def write(self) -> None:
         with self._lock:
             self._is_progress_unwritten = False
+            # Any write carries the progress so far: the next progress-only write waits its second from here,
+            # so a step over in less (a 1 KiB checksum) costs no durable write of its progress.
+            self._last_progress_write = time.monotonic()
             self.doc["updated"] = now_iso()
             write_bytes_atomic(self.path, encode_json(self.doc))
 

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from spoold.digest import CHUNK_BYTES, hash_file
+from spoold.digest import CHUNK_BYTES, SMALL_BUFFER_BYTES, hash_file
 from spoold.errors import ChecksumMismatch, Interrupted, PermanentError, TransientError
 from spoold.fsio import describe_type, fsync_dir
 from spoold.transports import local_documents
@@ -276,7 +276,8 @@ def _copy_hashing(source: Path, target: Path, ctx: TransferContext, is_resumable
                 reader.seek(0)
         writer = _reopen(target, done) if done else _create(target)
         with writer:
-            buffer = bytearray(ctx.chunk_bytes(CHUNK_BYTES))
+            # No larger than what is left to copy: a 4 MiB zeroed buffer per 1 KiB file costs more than the copy.
+            buffer = bytearray(min(ctx.chunk_bytes(CHUNK_BYTES), max(size - done + 1, SMALL_BUFFER_BYTES)))
             view = memoryview(buffer)
             try:
                 while n := reader.readinto(view):
