@@ -6,6 +6,8 @@ The files are written first, then renamed into the inbox as fast as the producer
 `concurrency: 4`). Peak memory is the daemon's VmHWM; "idle" is its VmRSS 10 s after the last item, once it
 has handed freed memory back (daemon/memory.py). The durable-write rate beside it is write, fsync, rename,
 fsync of the folder of a 1 KiB file in the same folder, timed in the same run: what the disk allows.
+fsyncs per item are the daemon's `os.fsync` calls (counted by a `sitecustomize` on its PYTHONPATH, a
+bench-only shim) over the items.
 Targets (issue 16): >= 1,000 items/s; < 60 MiB during a burst of 100,000; < 35 MiB idle.
 """
 
@@ -22,6 +24,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.conftest import wait_for  # noqa: E402
+
+COUNTING_SHIM = """import atexit, os
+_calls = [0]
+_real = os.fsync
+def _counted(fd):
+    _calls[0] += 1
+    return _real(fd)
+os.fsync = _counted
+atexit.register(lambda: open(os.environ["SPOOLD_BENCH_FSYNC_COUNT"], "w").write(str(_calls[0])))
+"""
 
 
 def _status(pid: int, key: str) -> int:
@@ -63,8 +75,12 @@ def main() -> None:
             (source / f"f{n:06d}").write_bytes(os.urandom(1024))
         disk_rate = durable_writes_per_second(root / "durable")
         log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed below
+        (root / "shim").mkdir()
+        (root / "shim" / "sitecustomize.py").write_text(COUNTING_SHIM)
+        counted = root / "fsyncs"
+        env = {**os.environ, "PYTHONPATH": str(root / "shim"), "SPOOLD_BENCH_FSYNC_COUNT": str(counted)}
         daemon = subprocess.Popen([sys.executable, "-m", "spoold", "run", "-c", str(config)], stderr=log,
-                                  stdin=subprocess.DEVNULL)  # fmt: skip
+                                  stdin=subprocess.DEVNULL, env=env)  # fmt: skip
         try:
             wait_for((spool / "health.json").exists, 30, "the daemon ready", interval=0.1)
             before = _status(daemon.pid, "VmRSS")
@@ -81,10 +97,13 @@ def main() -> None:
             daemon.terminate()
             daemon.wait(timeout=30)
             log.close()
+        fsyncs = int(counted.read_text()) if counted.exists() else None
     mib = 1 << 20
     print(f"{items} items of 1 KiB, checksum -> ship file://, concurrency 4")
     print(f"  items/s                  {items / elapsed:8.0f}   (durable writes/s on this disk: {disk_rate:.0f}; "
           "target >= 1,000 items/s)")
+    if fsyncs is not None:
+        print(f"  fsyncs per item          {fsyncs / items:8.1f}   (os.fsync calls of the daemon over the items)")
     print(f"  RSS before / peak / idle {before / mib:5.1f} / {peak / mib:5.1f} / {idle / mib:5.1f} MiB   "
           "(targets: < 60 MiB during the burst, < 35 MiB idle)")
 
