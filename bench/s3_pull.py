@@ -14,7 +14,6 @@ a temp name before renaming it. Targets: time <= 1.05x, client CPU <= 1.1x.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.s3 import BUCKET, ENV, REPO, MiB, start_moto
+from bench.s3 import BUCKET, ENV, REPO, MiB, start_moto, write_source
 
 KEY = "pull/data.bin"
 
@@ -87,13 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="spoold-bench-s3-pull-") as tmp:
         folder = Path(tmp)
         source = folder / "data.bin"
-        block = os.urandom(16 * MiB)
-        digest = hashlib.sha256()
-        with open(source, "wb") as stream:
-            for offset in range(0, size_mb * MiB, len(block)):
-                chunk = block[: min(len(block), size_mb * MiB - offset)]
-                stream.write(chunk)
-                digest.update(chunk)
+        sha256 = write_source(source, size_mb)
         moto, endpoint = start_moto(folder / "moto.log")
         env = {**os.environ, **ENV}
         os.environ.update(ENV)
@@ -101,7 +94,7 @@ def main() -> None:
             client = boto3.client("s3", endpoint_url=endpoint)
             client.create_bucket(Bucket=BUCKET)
             # As `ship` leaves it: the sha256 in the metadata, which spoold verifies and boto3 does not.
-            client.upload_file(str(source), BUCKET, KEY, ExtraArgs={"Metadata": {"sha256": digest.hexdigest()}})
+            client.upload_file(str(source), BUCKET, KEY, ExtraArgs={"Metadata": {"sha256": sha256}})
             source.unlink()  # the page cache is the client's, not the source file's
             settings = _settings(endpoint)
             print(f"{size_mb} MiB download, part_size {settings['part_size'] // MiB} MiB, concurrency "

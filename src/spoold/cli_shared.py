@@ -61,9 +61,10 @@ def _wait(store: ShareStore, queue: Queue, names: list[str], timeout: float | No
     deadline = None if timeout is None else time.monotonic() + timeout
     pending, code = list(names), EX_OK
     while pending:
+        inbox = _inbox_names(store)  # one listing per round, not one per pending item
         for name in list(pending):
             document = store.read_status(name)
-            if document and document.get("state") in FINAL_STATES and name not in _inbox_names(store):
+            if document and document.get("state") in FINAL_STATES and name not in inbox:
                 pending.remove(name)
                 code = code if document["state"] == "done" else EX_FAIL
                 print(f"{queue.name}/{shown(name)}: {document['state']} (node {shown(document.get('node'))})",

@@ -46,7 +46,6 @@ class WallClock:
 
     def age(self, wall: float) -> float | None:
         """Seconds since the wall-clock time `wall` was current; None for a time this clock never showed yet."""
-        self.sample()
         mono = time.monotonic()
         for start, offset in reversed(self.stretches):
             if wall >= start + offset:
@@ -70,6 +69,7 @@ class Pruner:
     def prune(self, queue: Queue, clock: WallClock) -> int:
         """Remove data and sidecars of done/failed items past their keep period; return how many went."""
         keep = queue.spec.keep
+        clock.sample()  # once per rescan, not per sidecar: a step in between is seen at the next tick
         # Nothing is due before the shortest keep period: a sidecar written more recently than that is not even
         # read (its mtime is its last write), so a rescan costs a stat per file of its slice.
         youngest_due = min(0.0 if k == "delete" else float(k) for k in (keep.done, keep.failed))

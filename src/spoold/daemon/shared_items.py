@@ -27,7 +27,7 @@ from spoold.daemon.config import Config, Queue
 from spoold.daemon.items import fields_rejection, read_json_object
 from spoold.daemon.layout import ITEM_DIR_MODE, QueueFolders
 from spoold.daemon.sidecar import Sidecar, error_record
-from spoold.errors import Interrupted, PermanentError, TransientError
+from spoold.errors import Interrupted, PermanentError, StepError, TransientError
 from spoold.fsio import read_json, remove_tree, write_json_atomic
 from spoold.transports.base import TransferContext, TreeLimits, shown_name
 
@@ -204,8 +204,6 @@ def _clear_history(folders: QueueFolders, name: str) -> None:
 
 def recover(store: ShareStore, records: ClaimRecords, folders: QueueFolders) -> tuple[list[Held], int]:
     """The claims a previous run left that this node still holds (the others' records go); and how many went."""
-    from spoold.errors import StepError
-
     kept, lost = [], 0
     for record in records.all():
         name, item, attempt = record["name"], record.get("item"), record.get("attempt")
