@@ -38,7 +38,7 @@ def _done_items(tmp_path: Path, count: int) -> tuple[SpoolLayout, Queue]:
 def test_a_clock_stepped_a_year_forward_expires_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     layout, queue = _done_items(tmp_path, 5)
     folders = layout.queues["q"]
-    clock, pruner = retention.WallClock(), retention.Pruner(folders, lambda name: None)
+    clock, pruner = retention.WallClock(), retention.Pruner(folders, lambda name, state: None)
     clock.sample()  # the daemon's first tick, at the real time
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + YEAR)
@@ -56,7 +56,7 @@ def test_a_clock_stepped_back_keeps_nothing_too_long(tmp_path: Path, monkeypatch
     """Items written after a backward step are judged by the clock they were written with."""
     layout, queue = _done_items(tmp_path, 0)
     folders = layout.queues["q"]
-    clock, pruner = retention.WallClock(), retention.Pruner(folders, lambda name: None)
+    clock, pruner = retention.WallClock(), retention.Pruner(folders, lambda name, state: None)
     clock.sample()
     real, mono = time.time, time.monotonic
     monkeypatch.setattr(time, "time", lambda: real() - YEAR)
@@ -72,7 +72,7 @@ def test_a_large_status_folder_is_read_a_slice_per_rescan(tmp_path: Path, monkey
     layout, queue = _done_items(tmp_path, 25)
     folders = layout.queues["q"]
     monkeypatch.setattr(retention, "SLICE", 10)
-    clock, pruner = retention.WallClock(), retention.Pruner(folders, lambda name: None)
+    clock, pruner = retention.WallClock(), retention.Pruner(folders, lambda name, state: None)
     seen: list[int] = []
     real = retention._sidecar_entries
 
@@ -96,7 +96,7 @@ def test_a_sidecar_dated_in_the_future_ages_on_the_monotonic_clock(
     folders = layout.queues["q"]
     real, mono = time.time, time.monotonic
     monkeypatch.setattr(time, "time", lambda: real() - YEAR)  # the clock stepped a year back before we started
-    clock, pruner = retention.WallClock(), retention.Pruner(folders, lambda name: None)
+    clock, pruner = retention.WallClock(), retention.Pruner(folders, lambda name, state: None)
     assert pruner.prune(queue, clock) == 0
     monkeypatch.setattr(time, "monotonic", lambda: mono() + 8 * 86400.0)
     monkeypatch.setattr(time, "time", lambda: real() - YEAR + 8 * 86400.0)

@@ -10,6 +10,8 @@ sequence from an item. `--json` prints the full values, as JSON with every such 
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import os
 import shutil
 import sys
@@ -24,6 +26,10 @@ from spoold.statusfmt import gather_text, human_bytes, human_seconds, number, pr
 __all__ = ["ACTIVE", "daemon_state", "load_sidecars", "render_item", "render_table", "shown", "summary", "watch"]
 
 ACTIVE = ("running", "waiting", "retrying", "queued")
+# A queue with more sidecars than this is listed in part (the last items by name), its counts the daemon's.
+FULL_READ_LIMIT = 10_000
+SHOWN_UNFINISHED = 1_000
+SHOWN_FINISHED = 200
 # Long enough for any real name, step or message; anything longer is a producer's and --json has it whole.
 ITEM_VALUE_CHARS = 2000
 STATE_CHARS = 20
@@ -31,18 +37,12 @@ LOG_TAIL_LINES = 10
 CAMERA_LINES = 16
 
 
-def load_sidecars(spool: Path, queue: str) -> list[dict[str, Any]]:
-    status = spool / queue / "status"
-    try:
-        names = sorted(os.listdir(status))
-    except FileNotFoundError:
-        return []
+def load_sidecars(status: Path, names: list[str]) -> list[dict[str, Any]]:
     documents = []
     for name in names:
-        if name.endswith(".json") and not name.startswith("."):
-            document = read_json(status / name)
-            if document is not None and document.get("schema") == "spoold.status/1":
-                documents.append(document)
+        document = read_json(status / name)
+        if document is not None and document.get("schema") == "spoold.status/1":
+            documents.append(document)
     return documents
 
 
@@ -50,12 +50,53 @@ def summary(spool: Path, queues: list[str]) -> dict[str, Any]:
     health = read_json(spool / "health.json")
     result: dict[str, Any] = {"spool": str(spool), "daemon": daemon_state(health), "queues": {}}
     for queue in queues:
-        documents = load_sidecars(spool, queue)
+        result["queues"][queue] = _queue_summary(spool / queue, queue, health or {})
+    return result
+
+
+def _queue_summary(root: Path, queue: str, health: dict[str, Any]) -> dict[str, Any]:
+    """Every item, read from its sidecar; or for a queue of more than FULL_READ_LIMIT, only what is shown."""
+    names, count = _sidecar_names(root / "status")
+    if names is not None:
+        documents = load_sidecars(root / "status", names)
         counts: dict[str, int] = {}
         for document in documents:
             counts[str(document.get("state"))] = counts.get(str(document.get("state")), 0) + 1
-        result["queues"][queue] = {"counts": counts, "items": [brief(d) for d in documents]}
-    return result
+        return {"counts": counts, "items": [brief(d) for d in documents]}
+    # Unfinished items are in work/, failed ones mostly in failed/: the last of each by name, and of all.
+    shown_names = {*_last_names(root / "work", SHOWN_UNFINISHED), *_last_names(root / "failed", SHOWN_FINISHED)}
+    shown_names.update(_last_names(root / "status", SHOWN_FINISHED, ".json"))
+    documents = load_sidecars(root / "status", sorted(f"{n}.json" for n in shown_names))
+    known = health.get("queues", {}).get(queue) if isinstance(health.get("queues"), dict) else None
+    # The daemon counts them as they change (health.json, a few seconds old at most): reading a million is slow.
+    counts = dict(known) if isinstance(known, dict) else {}
+    return {"counts": counts, "items": [brief(d) for d in documents], "partial": True, "sidecars": count}
+
+
+def _sidecar_names(status: Path) -> tuple[list[str] | None, int]:
+    """(every sidecar file name, sorted; None beyond FULL_READ_LIMIT) and how many there are."""
+    names: list[str] | None = []
+    count = 0
+    try:
+        with os.scandir(status) as entries:
+            for entry in entries:
+                if entry.name.endswith(".json") and not entry.name.startswith("."):
+                    count += 1
+                    if names is not None and count <= FULL_READ_LIMIT:
+                        names.append(entry.name)
+                    else:
+                        names = None
+    except (FileNotFoundError, NotADirectoryError):
+        return [], 0
+    return (sorted(names) if names is not None else None), count
+
+
+def _last_names(folder: Path, n: int, suffix: str = "") -> list[str]:
+    """The last `n` names in `folder` that end in `suffix` (taken off), by name, without holding them all."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(folder) as entries:
+        return heapq.nlargest(n, (e.name[: len(e.name) - len(suffix)] for e in entries
+                                  if e.name.endswith(suffix) and not e.name.startswith(".")))  # fmt: skip
+    return []
 
 
 def daemon_state(health: dict[str, Any] | None) -> dict[str, Any]:
@@ -122,6 +163,9 @@ def render_table(data: dict[str, Any], *, is_all: bool, width: int | None = None
     for queue, info in data["queues"].items():
         counts = ", ".join(f"{n} {shown(s, STATE_CHARS)}" for s, n in sorted(info["counts"].items())) or "empty"
         lines.append(f"\n{shown(queue)}: {counts}")
+        if info.get("partial"):
+            lines.append(f"  ({info['sidecars']:,} sidecars: the last items of each state by name; counts from "
+                         "the daemon's health.json)")  # fmt: skip
         items = [i for i in info["items"] if is_all or i["state"] in ACTIVE or i["state"] == "failed"]
         if not items:
             continue

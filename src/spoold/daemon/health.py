@@ -55,6 +55,8 @@ class NodeStatus:
     pause_reason: str | None = None
     # Per shared queue: its source, this node's name, the items it holds, and its claims counted by result.
     shared: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # Written by a clean stop (daemon/tally.py): when, and each queue's status folder mtime at that moment.
+    stopped: dict[str, Any] | None = None
 
     def totals(self) -> dict[str, int]:
         totals = dict.fromkeys(STATES, 0)
@@ -93,6 +95,7 @@ class NodeStatus:
             "status": self.status_line(),
             "last_error": self.last_error,
             **({"shared": self.shared} if self.shared else {}),
+            **({"stopped": self.stopped} if self.stopped else {}),
         }
 
     def metrics_text(self, metrics: Metrics | None = None) -> str:

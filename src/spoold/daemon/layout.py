@@ -314,6 +314,32 @@ class DiskState:
         return None
 
 
+class IntakeGate:
+    """Whether intake may take more: it pauses while the spool's disk is low, out of inodes or read-only."""
+
+    def __init__(self) -> None:
+        self.free_bytes = 0
+        self.reason: str | None = None
+
+    @property
+    def is_paused(self) -> bool:
+        return self.reason is not None
+
+    def check(self, layout: SpoolLayout, min_free_bytes: int) -> bool:
+        """Look at the disk now; True when this look paused or resumed intake."""
+        disk = layout.disk_state()
+        self.free_bytes = disk.free_bytes
+        reason = disk.pause_reason(min_free_bytes)
+        if reason == self.reason:
+            return False
+        if reason is not None:
+            log.warning("%s: intake paused", reason)
+        else:
+            log.info("the spool's disk is usable again (%s): intake resumed", self.reason)
+        self.reason = reason
+        return True
+
+
 _warned: set[str] = set()
 
 

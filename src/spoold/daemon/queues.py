@@ -1,9 +1,8 @@
 """One queue's bookkeeping: which items it tracks, which run, which wait for a retry, how many in each state.
 
-`QueueBook` alone changes these; the main loop calls it, from its one thread.
-Work on files (claiming, recovery, arrivals) happens in the modules that own it,
-which return what they found for the book to record. Each item runs in a worker
-thread of its own, so a new `concurrency` applies at the next dispatch.
+`QueueBook` alone changes these; the main loop calls it, from its one thread. Work on files (claiming,
+recovery, arrivals) happens in the modules that own it, which return what they found for the book to
+record. Each item runs in a worker thread of its own, so a new `concurrency` applies at the next dispatch.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from spoold.daemon.layout import QueueFolders
 from spoold.daemon.messages import Outcome
 from spoold.daemon.retention import Pruner
 from spoold.daemon.sidecar import ACTIVE_STATES, Sidecar
+from spoold.daemon.tally import ItemStates, StopRecord, status_mtime_ns
 from spoold.fsio import now_iso
 
 log = logging.getLogger("spoold")
@@ -58,13 +58,15 @@ class QueueBook:
         self.sidecars: dict[str, Sidecar | None] = {}
         # Provisional items whose bundle is still being written into the inbox, by item name.
         self.arriving: dict[str, ArrivingItem] = {}
-        self.states: dict[str, str] = {}
-        self._counts: dict[str, int] = {}
+        self.states = ItemStates()
+        self.sweep: recovery.StatusSweep | None = None
+        # Before anything here writes a sidecar: a clean stop's counts hold only if nothing changed since.
+        self._status_mtime_ns = status_mtime_ns(folders.status)
         self.last_error: dict[str, Any] | None = None
         # Members of a `gather:` queue wait there for their group instead of running the chain.
         self.gathering = Gathering(config, queue, folders)
         self.on_ended: OnEnded = _not_counted
-        self.pruner = Pruner(folders, self.forget)
+        self.pruner = Pruner(folders, self.states.forget_finished, lambda: self.sweep is None)
         # One stop per running item: `stop` sets them all, `revoke` one (a shared queue's claim was lost).
         self._item_stops: dict[str, threading.Event] = {}
         self.revoked: set[str] = set()
@@ -76,22 +78,22 @@ class QueueBook:
     # ---- recording -----------------------------------------------------------------------------------------
 
     def set_state(self, item: str, state: str) -> None:
-        self._uncount(self.states.get(item))
-        self.states[item] = state
-        self._counts[state] = self._counts.get(state, 0) + 1
+        self.states.set(item, state)
 
     def forget(self, item: str) -> None:
-        self._uncount(self.states.pop(item, None))
+        self.states.drop(item)
         self.sidecars.pop(item, None)
         self.retry_at.pop(item, None)
 
-    def track(self, sidecar: Sidecar, *, is_news: bool = True) -> None:
+    def track(self, sidecar: Sidecar, *, is_news: bool = True, is_counted: bool = True) -> None:
         """Record an item found or made on disk, and schedule it if it has work left.
 
         `is_news`: it changed state just now (not an old item found at start), so a failure is the last error.
+        `is_counted`: a finished item is counted now (not when start-up finds it in work/: see `recover`).
         """
         name = sidecar.name
-        self.set_state(name, sidecar.state)
+        self.states.requeued(name, sidecar.doc.pop("requeued_from", None) if is_news else None)
+        self.states.set(name, sidecar.state, is_live=is_news, is_counted=is_counted)
         if sidecar.state not in ACTIVE_STATES:
             self.sidecars.pop(name, None)
             if sidecar.state == "failed" and is_news:
@@ -110,12 +112,12 @@ class QueueBook:
         elif name not in self.pending:
             self.pending.append(name)
 
-    def track_found(self, found: list[recovery.Found]) -> None:
+    def track_found(self, found: list[recovery.Found], *, is_counted: bool) -> None:
         for item in found:
             if item.arriving is not None:
                 self._track_arriving(item.sidecar, item.arriving)
             else:
-                self.track(item.sidecar, is_news=False)
+                self.track(item.sidecar, is_news=False, is_counted=is_counted)
 
     def adopt(self, item: str) -> None:
         """A worker made a new item in work/ (a hand-over): load and schedule it."""
@@ -133,9 +135,27 @@ class QueueBook:
 
     # ---- intake --------------------------------------------------------------------------------------------
 
-    def recover(self) -> None:
+    def recover(self, stop: StopRecord | None = None) -> None:
+        """Resume the items in work/, and count the finished ones (tally's note says how)."""
         self.gathering = Gathering(self.config, self.queue, self.folders)  # rebuilt from the sidecars found
-        self.track_found(recovery.recover(self.config, self.queue, self.folders, self.stop_event, self.running))
+        found = recovery.recover(self.config, self.queue, self.folders, self.stop_event, self.running)
+        unfinished = sum(1 for f in found if f.sidecar.state in ACTIVE_STATES)
+        if self.sweep is not None:  # the queue came back to the config while its sweep ran
+            self.sweep.close()
+        is_sweeping = self.states.start_counting(stop, self._status_mtime_ns, unfinished)
+        self.sweep = recovery.StatusSweep(self.queue, self.folders) if is_sweeping else None
+        # Finished items still in work/ were counted before the stop, or the sweep counts them.
+        self.track_found(found, is_counted=False)
+
+    def sweep_step(self) -> None:
+        if self.sweep is None:
+            return
+        found = self.sweep.step(lambda item: item in self.running or self.states.is_known(item))
+        self.track_found(found or [], is_counted=True)
+        if found is None and any(self.states.tally.counts.values()):
+            log.info("%s: counted the finished items: %s", self.name, self.states.tally.counts)
+        if found is None:
+            self.sweep, self.states.tally.counted_live = None, None
 
     def rescan(self, now: float) -> None:
         """The periodic look at everything: vanished arrivals, the inbox, work/ behind our back, retention."""
@@ -308,7 +328,8 @@ class QueueBook:
         sidecar = self.sidecars.get(item)
         if sidecar is None:
             return
-        self.set_state(item, sidecar.state)
+        if sidecar.state in ACTIVE_STATES:
+            self.set_state(item, sidecar.state)
         if outcome.verdict == "retry" and outcome.retry_at is not None and not self.is_closed:
             self.retry_at[item] = time.monotonic() + max(0.0, outcome.retry_at - time.time())
             if len(self.retry_at) > KEEP_LOADED:
@@ -316,8 +337,8 @@ class QueueBook:
             return
         if outcome.verdict in ("done", "failed"):
             self.sidecars.pop(item, None)
+            self.set_state(item, outcome.verdict)
             if outcome.verdict == "failed":
-                self.set_state(item, "failed")
                 self._note_error(sidecar)
             else:
                 log.info("%s/%s: done", self.name, item)
@@ -335,13 +356,11 @@ class QueueBook:
     # ---- counts and time -----------------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
-        return {state: n for state, n in self._counts.items() if n}
-
-    def _uncount(self, state: str | None) -> None:
-        if state is not None:
-            self._counts[state] -= 1
+        return self.states.counts()
 
     def next_deadline(self, is_intake_paused: bool) -> float | None:
+        if self.sweep is not None:
+            return time.monotonic()  # the loop goes on sweeping, a slice per tick, between its messages
         deadlines = list(self.retry_at.values())
         if (at := self.gathering.next_deadline()) is not None:
             deadlines.append(time.monotonic() + max(0.0, at - time.time()))

@@ -16,7 +16,8 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection, Iterator
 
 from spoold.daemon import arriving
 from spoold.daemon.arriving import ArrivingItem
@@ -26,6 +27,9 @@ from spoold.daemon.layout import HANDOFF_FILE, HANDOFF_PREFIX, QueueFolders
 from spoold.daemon.sidecar import ACTIVE_STATES, FINISHED_STEP_STATES, GATHER_STEP, Sidecar, error_record
 
 log = logging.getLogger("spoold.recovery")
+
+# How long one tick of the main loop may spend reading sidecars for a sweep, between its messages.
+SLICE_SECONDS = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,31 +42,92 @@ class Found:
 
 def recover(config: Config, queue: Queue, folders: QueueFolders, stop_event: threading.Event,
             busy: Collection[str] = ()) -> list[Found]:  # fmt: skip
-    """Every item of the queue on disk, made consistent; items in `busy` (running now) are left alone."""
-    for name in _listdir(folders.status):
-        if name.startswith(".") and name.endswith(".tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(folders.status / name)
+    """Every item in the queue's work/, made consistent; items in `busy` (running now) are left alone.
+
+    Only work/ is read: the sidecars of finished items (a million, in a busy spool) are counted by `tally`, or
+    read later by a `StatusSweep` when the last stop was not clean.
+    """
     for name in _listdir(folders.work):
         if name.startswith(HANDOFF_PREFIX):
             shutil.rmtree(folders.work / name, ignore_errors=True)
     found: list[Found] = []
-    known: set[str] = set(busy)
-    for file_name in sorted(_listdir(folders.status)):
-        if not file_name.endswith(".json") or file_name.startswith(".") or file_name[:-5] in busy:
+    for name in sorted(_listdir(folders.work)):
+        if name.startswith(".") or name in busy:
             continue
-        sidecar = Sidecar.load(folders.status / file_name)
-        if sidecar is None:
-            log.warning("%s: ignoring unreadable sidecar %s", queue.name, file_name)
-            continue
-        known.add(sidecar.name)
         try:
-            if (item := _resume(queue, folders, sidecar, stop_event)) is not None:
+            sidecar = Sidecar.load(folders.sidecar_path(name))
+            if sidecar is None:
+                sidecar = adopt_orphan(config, queue, folders, name)
+                if sidecar is not None:
+                    log.info("%s/%s: recovered a claimed item without a sidecar", queue.name, name)
+                    found.append(Found(sidecar))
+            elif (item := _resume(queue, folders, sidecar, stop_event)) is not None:
                 found.append(item)
         except OSError as exc:
-            log.error("%s/%s: cannot resume: %s", queue.name, sidecar.name, exc)
-    found.extend(Found(s) for s in pick_up(config, queue, folders, known))
+            log.error("%s/%s: cannot resume: %s", queue.name, name, exc)
     return found
+
+
+class StatusSweep:
+    """After a stop that was not clean: every sidecar of the queue read once, a slice per call.
+
+    It finds what only the status folder can tell: items that finished while the daemon was down or whose
+    end was cut short (moved out of work/ but not yet recorded: `_finish_interrupted_move`), the done and
+    failed counts, and temp files of a sidecar write a crash interrupted.
+    """
+
+    def __init__(self, queue: Queue, folders: QueueFolders) -> None:
+        self.queue = queue
+        self.folders = folders
+        self.seen = 0
+        # A temp file older than the sweep is a crash's leftover; a newer one may be a worker's write under way.
+        self._began = time.time()
+        self._entries: Iterator[os.DirEntry[str]] | None = None
+        try:
+            self._entries = self._listing = os.scandir(folders.status)
+        except OSError as exc:
+            log.error("cannot list %s: %s", folders.status, exc.strerror)
+
+    def step(self, is_known: Callable[[str], bool], budget_seconds: float = SLICE_SECONDS) -> list[Found] | None:
+        """The sidecars read within `budget_seconds`; None once the folder is read to its end."""
+        if self._entries is None:
+            return None
+        found: list[Found] = []
+        deadline = time.monotonic() + budget_seconds
+        for entry in self._entries:
+            self.seen += 1
+            name = entry.name
+            if name.startswith(".") and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat(follow_symlinks=False).st_mtime < self._began - 0.05:
+                        os.unlink(entry.path)
+            elif name.endswith(".json") and not name.startswith(".") and not is_known(name[:-5]):
+                with contextlib.suppress(OSError):
+                    found.extend(self._read(name))
+            if self.seen % 64 == 0 and time.monotonic() > deadline:
+                return found
+        self.close()
+        return found
+
+    def _read(self, file_name: str) -> list[Found]:
+        sidecar = Sidecar.load(self.folders.status / file_name)
+        if sidecar is None:
+            log.warning("%s: ignoring unreadable sidecar %s", self.queue.name, file_name)
+            return []
+        if sidecar.state in ACTIVE_STATES and not (self.folders.work / sidecar.name).is_dir():
+            if sidecar.doc.get("step") != GATHER_STEP:  # a member of a `gather:` group ends with its group
+                _finish_interrupted_move(self.queue, self.folders, sidecar)
+        elif sidecar.state in ACTIVE_STATES:
+            return []  # in work/: recovery found it (or a pick-up will)
+        return [Found(sidecar)]
+
+    def close(self) -> None:
+        if self._entries is not None:
+            self._listing.close()
+            self._entries = None
+
+    def __del__(self) -> None:  # a book dropped mid-sweep (a queue gone from the config) lets its listing go
+        self.close()
 
 
 def _resume(queue: Queue, folders: QueueFolders, sidecar: Sidecar, stop_event: threading.Event) -> Found | None:

@@ -59,15 +59,20 @@ class WallClock:
 class Pruner:
     """One queue's retention: a cursor through its status folder, and the first sight of future-dated sidecars."""
 
-    def __init__(self, folders: QueueFolders, forget: Callable[[str], None]) -> None:
+    def __init__(self, folders: QueueFolders, forget: Callable[[str, str], None],
+                 may_prune: Callable[[], bool] = lambda: True) -> None:  # fmt: skip
         self.folders = folders
-        self.forget = forget
+        self.forget = forget  # (item, its state): its sidecar is gone
+        # False while the queue's finished items are still being counted (recovery.StatusSweep).
+        self.may_prune = may_prune
         self._cursor: Iterator[os.DirEntry[str]] | None = None
         # Sidecar file name -> monotonic time when first seen, for those dated after now (rare: a clock step).
         self._future: dict[str, float] = {}
 
     def prune(self, queue: Queue, clock: WallClock) -> int:
         """Remove data and sidecars of done/failed items past their keep period; return how many went."""
+        if not self.may_prune():
+            return 0
         keep = queue.spec.keep
         clock.sample()  # once per rescan, not per sidecar: a step in between is seen at the next tick
         # Nothing is due before the shortest keep period: a sidecar written more recently than that is not even
@@ -87,7 +92,7 @@ class Pruner:
                 self.folders.remove_item_data(sidecar.name)
             if age >= max(keep_data, float(keep.status)):
                 sidecar.remove()
-                self.forget(sidecar.name)
+                self.forget(sidecar.name, sidecar.state)
                 self._future.pop(file_name, None)
                 removed += 1
         if removed:

@@ -82,5 +82,7 @@ def requeue_failed(folders: QueueFolders, name: str) -> bool:
         os.rename(folders.failed / name, folders.work / name)
     else:
         (folders.work / name).mkdir(exist_ok=True)
+    # A running daemon counts it out of `failed` when it picks it up (daemon/tally.py); dropped at its next write.
+    sidecar.doc["requeued_from"] = "failed"
     sidecar.requeue()
     return True

@@ -21,7 +21,7 @@ from spoold.daemon import memory
 from spoold.daemon.arriving import ArrivingItem
 from spoold.daemon.config import Config, Queue, load_config, reload_problem
 from spoold.daemon.health import NodeStatus, live_counts, write_health
-from spoold.daemon.layout import SpoolLayout
+from spoold.daemon.layout import IntakeGate, SpoolLayout
 from spoold.daemon.logs import about
 from spoold.daemon.messages import (
     ClaimLost,
@@ -41,6 +41,7 @@ from spoold.daemon.runner import ItemRunner
 from spoold.daemon.shared import SharedQueue
 from spoold.daemon.sidecar import Sidecar
 from spoold.daemon.systemd import Notifier
+from spoold.daemon.tally import read_stop_records, stop_record
 from spoold.daemon.walls import about_message, describe, guarded, log_failure
 from spoold.daemon.watcher import InboxWatcher
 from spoold.errors import ConfigError
@@ -77,9 +78,7 @@ class Server:
         self.retiring: dict[str, QueueBook] = {}
         self.started = now_iso()
         self.is_ready = False
-        self.is_intake_paused = False
-        self.pause_reason: str | None = None
-        self.free_bytes = 0
+        self.intake_gate = IntakeGate()
         self._term_count = 0
         self._next = {"health": 0.0, "disk": 0.0, "rescan": 0.0, "watchdog": 0.0}
 
@@ -105,8 +104,9 @@ class Server:
             if queue.shared is not None:
                 # Before recovery: only the items whose claims this node still holds may run.
                 self._start_shared(queue)
+        stops = read_stop_records(self.layout.health_path)
         for book in self.books.values():
-            guarded(f"recovering queue {book.name}", book.recover)
+            guarded(f"recovering queue {book.name}", functools.partial(book.recover, stops.get(book.name)))
         self.watcher.start()
         now = time.monotonic()
         for book in self.books.values():
@@ -131,7 +131,7 @@ class Server:
 
     def _start_shared(self, queue: Queue) -> None:
         agent = SharedQueue(self.config, queue, self.layout.queues[queue.name], self.messages.put,
-                            lambda: not (self.is_intake_paused or self.is_stopping))  # fmt: skip
+                            lambda: not (self.intake_gate.is_paused or self.is_stopping))  # fmt: skip
         agent.start_up()
         self.shared[queue.name] = agent
 
@@ -237,7 +237,7 @@ class Server:
         deadlines = list(self._next.values())
         if not self.is_stopping:
             for book in self.books.values():
-                if (deadline := book.next_deadline(self.is_intake_paused)) is not None:
+                if (deadline := book.next_deadline(self.intake_gate.is_paused)) is not None:
                     deadlines.append(deadline)
         deadlines += [d for agent in self.shared.values() if (d := agent.next_deadline()) is not None]
         return min(deadlines)
@@ -278,10 +278,11 @@ class Server:
             self.notifier.status(self.node_status().status_line())
 
     def _schedule(self, book: QueueBook, now: float) -> None:
-        if not self.is_intake_paused:
+        if not self.intake_gate.is_paused:
             book.take_arrivals(now)
         book.release_due_retries(now)
         book.dispatch(self._start_worker)
+        book.sweep_step()
 
     def _start_worker(self, book: QueueBook, sidecar: Sidecar, arriving: ArrivingItem | None) -> threading.Thread:
         runner = ItemRunner(self.config, self.layout, book.queue, sidecar, transports=self.transports,
@@ -305,28 +306,21 @@ class Server:
     # ---- disk and health ---------------------------------------------------------------------------------------
 
     def _check_disk(self) -> None:
-        disk = self.layout.disk_state()
-        self.free_bytes = disk.free_bytes
-        reason = disk.pause_reason(self.config.min_free_bytes)
-        if reason != self.pause_reason:
-            if reason is not None:
-                log.warning("%s: intake paused", reason)
-            else:
-                log.info("the spool's disk is usable again (%s): intake resumed", self.pause_reason)
-            self.pause_reason = reason
-            self.is_intake_paused = reason is not None
+        if self.intake_gate.check(self.layout, self.config.min_free_bytes):
             self._next["health"] = 0.0
 
-    def node_status(self) -> NodeStatus:
+    def node_status(self, *, is_stopped: bool = False) -> NodeStatus:
         errors = [b.last_error for b in self.books.values() if b.last_error]
         last_error = max(errors, key=lambda e: str(e.get("at", "")), default=None)
-        return NodeStatus(self.started, {n: live_counts(b) for n, b in self.books.items()}, self.free_bytes,
-                          self.config.min_free_bytes, self.is_intake_paused, self.is_ready, last_error,
-                          self.config.spool, self.pause_reason,
-                          {name: agent.snapshot() for name, agent in self.shared.items()})  # fmt: skip
+        return NodeStatus(self.started, {n: live_counts(b) for n, b in self.books.items()},
+                          self.intake_gate.free_bytes, self.config.min_free_bytes, self.intake_gate.is_paused,
+                          self.is_ready, last_error, self.config.spool, self.intake_gate.reason,
+                          {name: agent.snapshot() for name, agent in self.shared.items()},
+                          stop_record({n: b.folders.status for n, b in self.books.items() if b.sweep is None})
+                          if is_stopped else None)  # fmt: skip
 
-    def _write_health(self) -> None:
-        status = self.node_status()
+    def _write_health(self, *, is_stopped: bool = False) -> None:
+        status = self.node_status(is_stopped=is_stopped)
         try:
             write_health(status, self.layout.health_path, self.layout.metrics_path, self.metrics)
         except OSError as exc:
@@ -391,10 +385,16 @@ class Server:
             for book in self._all_books():
                 for thread in list(book.running.values()):
                     thread.join()
+            with contextlib.suppress(queue_module.Empty):  # workers that ended after the loop's last look
+                while message := self.messages.get_nowait():  # a shared item's end is its agent's, which stops
+                    if isinstance(message, ItemFinished) and message.queue not in self.shared:
+                        guarded("recording a finished item", functools.partial(self._item_finished, message))
         for agent in self.shared.values():
             agent.stop()
         self.transports.close()
         self.is_ready = False
-        guarded("writing health.json", self._write_health)
+        # Every worker ended: the counts and the status folders' mtimes can be recorded as they stand.
+        is_clean = not any(t.is_alive() for b in self._all_books() for t in b.running.values())
+        guarded("writing health.json", functools.partial(self._write_health, is_stopped=is_clean))
         self.notifier.close()
         log.info("spoold stopped")
