@@ -7,7 +7,7 @@ import sys
 import traceback
 
 MODULES = ("core", "sftp", "s3", "s3_pull", "encode", "redact", "hostile", "remote_exec", "robot_000", "publish",
-           "rate", "shared", "burst")
+           "rate", "shared", "burst", "scale")
 
 
 def main() -> int:

@@ -142,3 +142,21 @@ def test_status_of_a_huge_queue_reads_only_what_it_shows(
     assert len(names) <= 1_400
     table = spoold("status", "-c", str(config))
     assert table.returncode == 0 and f"{extra + 2:,} sidecars" in table.stdout
+
+
+def test_a_burst_is_claimed_a_slice_per_tick_so_the_loop_keeps_answering(
+    write_config: Callable[[str], Path], spool: Path
+) -> None:
+    from spoold.daemon.config import load_config
+    from spoold.daemon.intake import CLAIMS_PER_TICK, Intake
+
+    config = load_config(write_config(CONFIG))
+    inbox = spool / "q" / "inbox"
+    inbox.mkdir(parents=True)
+    total = CLAIMS_PER_TICK * 2 + 10
+    for n in range(total):
+        (inbox / f"f{n:04d}").write_bytes(b"x")
+    intake = Intake(config.queues["q"], inbox)
+    intake.scan(0.0)
+    sizes = [len(intake.due(1e9)) for _ in range(4)]
+    assert sizes == [CLAIMS_PER_TICK, CLAIMS_PER_TICK, 10, 0]

@@ -25,6 +25,7 @@ from spoold.daemon.trees import Rejected, tree_signature
 from spoold.fsio import describe_type
 
 READY_SUFFIX = ".ready"
+CLAIMS_PER_TICK = 256
 Signature = tuple[int, int, int]
 
 
@@ -117,14 +118,20 @@ class Intake:
     def next_deadline(self) -> float | None:
         return min((c.deadline for c in self.candidates.values()), default=None)
 
-    def due(self, now: float) -> list[Arrival]:
-        """Entries whose deadline passed and that are complete now."""
-        arrivals = []
+    def due(self, now: float, limit: int = CLAIMS_PER_TICK) -> list[Arrival]:
+        """Entries whose deadline passed and that are complete now, at most `limit`; the rest stay due.
+
+        A claim costs a few durable writes: claiming a burst of 100,000 in one tick would hold the loop (and
+        its watchdog ping) for minutes. The loop comes back at once for the rest, between its messages.
+        """
+        arrivals: list[Arrival] = []
         for name in [n for n, c in self.candidates.items() if c.deadline <= now]:
             arrival = self._check(name, self.candidates[name], now)
             if arrival is not None:
                 arrivals.append(arrival)
                 del self.candidates[name]
+                if len(arrivals) >= limit:
+                    break
         return arrivals
 
     def _check(self, name: str, candidate: Candidate, now: float) -> Arrival | None:
