@@ -26,10 +26,10 @@ from spoold.statusfmt import gather_text, human_bytes, human_seconds, number, pr
 __all__ = ["ACTIVE", "daemon_state", "load_sidecars", "render_item", "render_table", "shown", "summary", "watch"]
 
 ACTIVE = ("running", "waiting", "retrying", "queued")
-# A queue with more sidecars than this is listed in part (the last items by name), its counts the daemon's.
+# A queue with more items than this is listed in part (the last unfinished and failed), its counts the daemon's.
 FULL_READ_LIMIT = 10_000
 SHOWN_UNFINISHED = 1_000
-SHOWN_FINISHED = 200
+SHOWN_FAILED = 200
 # Long enough for any real name, step or message; anything longer is a producer's and --json has it whole.
 ITEM_VALUE_CHARS = 2000
 STATE_CHARS = 20
@@ -55,22 +55,28 @@ def summary(spool: Path, queues: list[str]) -> dict[str, Any]:
 
 
 def _queue_summary(root: Path, queue: str, health: dict[str, Any]) -> dict[str, Any]:
-    """Every item, read from its sidecar; or for a queue of more than FULL_READ_LIMIT, only what is shown."""
+    """Every item, read from its sidecar; for a queue of more than FULL_READ_LIMIT items, only what is shown."""
+    queues = health.get("queues")
+    known = queues.get(queue) if isinstance(queues, dict) else None
+    known = known if isinstance(known, dict) and all(isinstance(n, int) for n in known.values()) else None
+    if known is not None and sum(known.values()) > FULL_READ_LIMIT:
+        return _partial(root, known, sum(known.values()))
     names, count = _sidecar_names(root / "status")
-    if names is not None:
-        documents = load_sidecars(root / "status", names)
-        counts: dict[str, int] = {}
-        for document in documents:
-            counts[str(document.get("state"))] = counts.get(str(document.get("state")), 0) + 1
-        return {"counts": counts, "items": [brief(d) for d in documents]}
-    # Unfinished items are in work/, failed ones mostly in failed/: the last of each by name, and of all.
-    shown_names = {*_last_names(root / "work", SHOWN_UNFINISHED), *_last_names(root / "failed", SHOWN_FINISHED)}
-    shown_names.update(_last_names(root / "status", SHOWN_FINISHED, ".json"))
+    if names is None:
+        return _partial(root, known or {}, count)
+    counts: dict[str, int] = {}
+    documents = load_sidecars(root / "status", names)
+    for document in documents:
+        counts[str(document.get("state"))] = counts.get(str(document.get("state")), 0) + 1
+    return {"counts": counts, "items": [brief(d) for d in documents]}
+
+
+def _partial(root: Path, counts: dict[str, int], total: int) -> dict[str, Any]:
+    """The last unfinished items (in work/) and failed ones (in failed/) by name, with the daemon's counts
+    (health.json, a few seconds old at most): listing a million sidecars takes longer than an answer may."""
+    shown_names = {*_last_names(root / "work", SHOWN_UNFINISHED), *_last_names(root / "failed", SHOWN_FAILED)}
     documents = load_sidecars(root / "status", sorted(f"{n}.json" for n in shown_names))
-    known = health.get("queues", {}).get(queue) if isinstance(health.get("queues"), dict) else None
-    # The daemon counts them as they change (health.json, a few seconds old at most): reading a million is slow.
-    counts = dict(known) if isinstance(known, dict) else {}
-    return {"counts": counts, "items": [brief(d) for d in documents], "partial": True, "sidecars": count}
+    return {"counts": dict(counts), "items": [brief(d) for d in documents], "partial": True, "sidecars": total}
 
 
 def _sidecar_names(status: Path) -> tuple[list[str] | None, int]:
@@ -91,11 +97,10 @@ def _sidecar_names(status: Path) -> tuple[list[str] | None, int]:
     return (sorted(names) if names is not None else None), count
 
 
-def _last_names(folder: Path, n: int, suffix: str = "") -> list[str]:
-    """The last `n` names in `folder` that end in `suffix` (taken off), by name, without holding them all."""
+def _last_names(folder: Path, n: int) -> list[str]:
+    """The last `n` names in `folder`, by name, without holding them all."""
     with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(folder) as entries:
-        return heapq.nlargest(n, (e.name[: len(e.name) - len(suffix)] for e in entries
-                                  if e.name.endswith(suffix) and not e.name.startswith(".")))  # fmt: skip
+        return heapq.nlargest(n, (e.name for e in entries if not e.name.startswith(".")))
     return []
 
 
@@ -164,8 +169,8 @@ def render_table(data: dict[str, Any], *, is_all: bool, width: int | None = None
         counts = ", ".join(f"{n} {shown(s, STATE_CHARS)}" for s, n in sorted(info["counts"].items())) or "empty"
         lines.append(f"\n{shown(queue)}: {counts}")
         if info.get("partial"):
-            lines.append(f"  ({info['sidecars']:,} sidecars: the last items of each state by name; counts from "
-                         "the daemon's health.json)")  # fmt: skip
+            lines.append(f"  ({info['sidecars']:,} items: only the last unfinished and failed ones are listed; counts "
+                         "from the daemon's health.json)")  # fmt: skip
         items = [i for i in info["items"] if is_all or i["state"] in ACTIVE or i["state"] == "failed"]
         if not items:
             continue
