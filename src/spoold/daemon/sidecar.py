@@ -18,7 +18,7 @@ from typing import Any
 
 from spoold import __version__
 from spoold.daemon.attempts import record_attempt
-from spoold.fsio import encode_json, now_iso, parse_iso, read_json, write_bytes_atomic
+from spoold.fsio import DeferredWrites, encode_json, now_iso, parse_iso, read_json, write_bytes_atomic
 
 __all__ = ["ACTIVE_STATES", "FINISHED_STEP_STATES", "SCHEMA", "STATES", "Sidecar", "error_record", "now_iso",
            "parse_iso"]  # fmt: skip
@@ -54,8 +54,8 @@ class Sidecar:
         self.doc = document
         self._lock = threading.RLock()
         self._last_progress_write = 0.0
-        # Progress held back by the once-a-second limit is written by this timer unless another write carries it.
-        self._progress_flush: threading.Timer | None = None
+        # Progress held back by the once-a-second limit is written by `_DEFERRED` unless another write carries it.
+        self._is_flush_scheduled = False
         self._is_progress_unwritten = False
         self._is_removed = False
         self._step_began: dict[int, float] = {}  # step index -> time.monotonic() when this process started it
@@ -172,14 +172,13 @@ class Sidecar:
                 self.write()
                 return
             self._is_progress_unwritten = True
-            if self._progress_flush is None:
-                self._progress_flush = threading.Timer(wait, self._flush_progress)
-                self._progress_flush.daemon = True
-                self._progress_flush.start()
+            if not self._is_flush_scheduled:
+                self._is_flush_scheduled = True
+                _DEFERRED.schedule(time.monotonic() + wait, self._flush_progress)
 
     def _flush_progress(self) -> None:
         with self._lock:
-            self._progress_flush = None
+            self._is_flush_scheduled = False
             if not self._is_progress_unwritten or self._is_removed:
                 return
             self._last_progress_write = time.monotonic()
@@ -190,9 +189,6 @@ class Sidecar:
     def remove(self) -> None:
         with self._lock:
             self._is_removed = True
-            if self._progress_flush is not None:
-                self._progress_flush.cancel()
-                self._progress_flush = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -368,3 +364,6 @@ class Sidecar:
         """A group item: its group's name and which member each folder of its payload came from."""
         self.doc["gathered"] = info
         self.write()
+
+
+_DEFERRED = DeferredWrites()

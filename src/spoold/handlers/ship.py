@@ -108,9 +108,9 @@ class Ship(Handler[ShipOptions]):
         done_bytes = sum(_size(t.source) for t in targets if t.remote in finished)
         delivered: list[Delivered] = []
         limiter = ctx.limiter(self.options.rate)
-        for target in targets:
-            if target.remote in finished:
-                continue
+        pending = [t for t in targets if t.remote not in finished]
+        is_marking = should_mark and not ctx.checkpoint.data.get("marked")
+        for target in pending:
             ctx.check_stop()
             transfer = TransferContext(
                 progress=_offset_progress(ctx, done_bytes, total),
@@ -127,15 +127,16 @@ class Ship(Handler[ShipOptions]):
             delivered.append(result)
             finished[target.remote] = {"bytes": result.size, "verified": result.is_verified}
             ctx.checkpoint.data.get("transfer", {}).pop(target.remote, None)
-            ctx.checkpoint.save()
+            if target is not pending[-1] or is_marking:
+                # The last one needs no write of its own: the summary's comes next, with nothing done between.
+                ctx.checkpoint.save()
             done_bytes += _size(target.source)
             ctx.progress(done_bytes, total)
         main = targets[0].remote if targets else url.path
-        if should_mark and not ctx.checkpoint.data.get("marked"):
+        if is_marking:
             # Last, once everything is in place: a far spool claims the item (and drops the marker) when it appears.
             transport.write_small(main.rstrip("/") + READY_SUFFIX, encode_json(ctx.fields, indent=None))
-            ctx.checkpoint.data["marked"] = True
-            ctx.checkpoint.save()
+            ctx.checkpoint.data["marked"] = True  # written with the summary, next, with nothing done between
         verified = all(v.get("verified") for v in finished.values())
         summary = {
             "to": redact_url(str(url)), "targets": sorted(finished), "bytes": total, "verified": verified,
