@@ -236,6 +236,34 @@ def test_a_part_whose_reply_was_lost_is_not_sent_again(tmp_path: Path, s3: S3Ser
     transport.close()
 
 
+def test_an_upload_completed_before_a_kill_is_verified_against_the_file(
+    tmp_path: Path, s3: S3Server, bucket: str
+) -> None:
+    """A kill after CompleteMultipartUpload but before the checkpoint knew: the upload id is gone and the
+    checkpoint holds some of the parts (here one, then none). The item must still end verified, its parts'
+    checksums taken from the file (found by `make torture` kills: `KeyError: '1'`, or a checksum mismatch)."""
+    source = tmp_path / "data.bin"
+    data = os.urandom(3 * 5 * MIB + 7)
+    source.write_bytes(data)
+    for kept in (["2"], []):
+        checkpoint: dict[str, Any] = {}
+        transport = _transport(s3, bucket)
+        assert transport.put_file(source, "/data.bin", None, _context(checkpoint)).is_verified
+        saved: dict[str, Any] = {}
+        probe = _context(saved, stop_after_parts=4)  # every part sent, stopped just before the completion
+        with pytest.raises(Interrupted):
+            transport.put_file(source, "/again.bin", None, probe)
+        upload_id = saved["upload_id"]
+        parts = saved["parts"]
+        s3.client().complete_multipart_upload(Bucket=bucket, Key="again.bin", UploadId=upload_id, MultipartUpload={
+            "Parts": [{"PartNumber": int(n), "ETag": parts[n]["etag"], "ChecksumSHA256": parts[n]["sha256"]}
+                      for n in sorted(parts, key=int)]})  # fmt: skip
+        saved["parts"] = {n: parts[n] for n in kept}
+        assert transport.put_file(source, "/again.bin", None, _context(saved)).is_verified
+        assert fetch_object(s3, bucket, "again.bin")[0] == data
+        transport.close()
+
+
 def test_upload_id_unknown_to_the_server_starts_afresh(tmp_path: Path, s3: S3Server, bucket: str) -> None:
     source = tmp_path / "data.bin"
     data = os.urandom(3 * 5 * MIB)

@@ -41,7 +41,7 @@ import botocore.exceptions
 from spoold.cache import Cache
 from spoold.digest import hash_file
 from spoold.errors import ChecksumMismatch, PermanentError, TransientError
-from spoold.transports import s3_documents
+from spoold.transports import s3_documents, s3_parts
 from spoold.transports.base import Delivered, ParsedUrl, RemoteEntry, TransferContext, Transport, TreeLimits, glob_regex
 from spoold.transports.s3_credentials import s3_client
 from spoold.transports.s3_download import S3Download
@@ -159,7 +159,10 @@ class S3Transport(Transport):
             cp.clear()
         parts: dict[str, dict[str, Any]] = self._resume(source, key, size, sha256, part_size, count, cp)
         if parts is None:
-            return  # completed before a crash lost the news
+            # Completed before a crash lost the news: the checkpoint holds some parts or none, so the server's
+            # checksum of the parts is checked against the file's own.
+            cp["parts"] = s3_parts.file_part_checksums(source, size, part_size, ctx.check_stop)
+            return
         try:
             with _mapped(f"s3://{self.bucket}/{key}", is_local_read=True):
                 self._send_parts(source, key, size, part_size, count, parts, ctx)
