@@ -5,7 +5,7 @@ The counts of a queue's done and failed items come from one of two places at sta
   mtime after the last sidecar write. When the folder's mtime is the same at the next start (no sidecar
   written, replaced or removed since: `spoold retry`, a crash's leftovers, a hand edit all change it) and
   work/ holds as many unfinished items as the record says, the counts are taken as they stand;
-- otherwise a sweep (recovery.StatusSweep) reads every sidecar once, a slice per rescan, after the daemon is
+- otherwise a sweep (recovery.StatusSweep) reads every sidecar once, 50 ms per loop tick, after the daemon is
   ready: the counts grow to their true value meanwhile, and retention waits for the sweep to end.
 Items that finish while the daemon runs are added as they finish. The last few thousand finished names are
 remembered, so an item recorded twice in a row (found by a rescan as well as by its worker) counts once.
