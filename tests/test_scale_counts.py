@@ -161,3 +161,21 @@ def test_a_burst_is_claimed_a_slice_per_tick_so_the_loop_keeps_answering(
     intake.scan(0.0)
     sizes = [len(intake.due(1e9)) for _ in range(4)]
     assert sizes == [CLAIMS_PER_TICK, CLAIMS_PER_TICK, 10, 0]
+
+
+def test_a_burst_beyond_what_intake_tracks_waits_in_the_inbox_and_is_all_claimed(
+    write_config: Callable[[str], Path], spool: Path, daemon: Callable[..., DaemonProcess]
+) -> None:
+    from spoold.daemon.intake import MAX_CANDIDATES
+
+    config = write_config(CONFIG)
+    daemon(config)
+    staging = spool / "staging"
+    staging.mkdir()
+    total = MAX_CANDIDATES + 600
+    for n in range(total):
+        (staging / f"f{n:05d}").write_bytes(b"x")
+    for n in range(total):
+        os.rename(staging / f"f{n:05d}", spool / "q" / "inbox" / f"f{n:05d}")
+    wait_for(counts_become(spool, {"done": total}), 240, "every file of the burst done")
+    assert not os.listdir(spool / "q" / "inbox")

@@ -26,6 +26,9 @@ from spoold.fsio import describe_type
 
 READY_SUFFIX = ".ready"
 CLAIMS_PER_TICK = 256
+# Inbox entries tracked at once. Beyond this a burst waits in the inbox untracked (100,000 candidates held
+# ~28 MB) and is read from a listing once those tracked are claimed.
+MAX_CANDIDATES = 4096
 Signature = tuple[int, int, int]
 
 
@@ -59,6 +62,7 @@ class Intake:
         self.candidates: dict[str, Candidate] = {}
         # Entries already reported early, still arriving: only their marker matters now.
         self.receiving: set[str] = set()
+        self.is_overflowing = False  # entries were left untracked (MAX_CANDIDATES): list the inbox when room
 
     def reconfigure(self, queue: Queue) -> None:
         self.queue = queue
@@ -96,7 +100,11 @@ class Intake:
     def _track(self, name: str, now: float, is_announced: bool = False) -> None:
         if self.is_ignored(name):
             return
-        if name.endswith(READY_SUFFIX) and len(name) > len(READY_SUFFIX):
+        is_marker = name.endswith(READY_SUFFIX) and len(name) > len(READY_SUFFIX)
+        if len(self.candidates) >= MAX_CANDIDATES and not (is_marker and name[: -len(READY_SUFFIX)] in self.receiving):
+            self.is_overflowing = True
+            return
+        if is_marker:
             # A marker makes its item ready at once: look at the item, not the marker.
             self.candidates[name[: -len(READY_SUFFIX)]] = Candidate(None, now)
             return
@@ -125,6 +133,8 @@ class Intake:
         its watchdog ping) for minutes. The loop comes back at once for the rest, between its messages.
         """
         arrivals: list[Arrival] = []
+        if limit <= 0:
+            return arrivals
         for name in [n for n, c in self.candidates.items() if c.deadline <= now]:
             arrival = self._check(name, self.candidates[name], now)
             if arrival is not None:
@@ -132,6 +142,9 @@ class Intake:
                 del self.candidates[name]
                 if len(arrivals) >= limit:
                     break
+        if self.is_overflowing and len(self.candidates) < MAX_CANDIDATES // 2:
+            self.is_overflowing = False
+            self.scan(now)  # the rest of a burst, now that there is room
         return arrivals
 
     def _check(self, name: str, candidate: Candidate, now: float) -> Arrival | None:

@@ -20,7 +20,7 @@ from spoold.daemon import arriving, claiming, recovery
 from spoold.daemon.arriving import ArrivingItem
 from spoold.daemon.config import Config, Queue
 from spoold.daemon.gather import Gathering
-from spoold.daemon.intake import Arrival, Intake
+from spoold.daemon.intake import CLAIMS_PER_TICK, Arrival, Intake
 from spoold.daemon.layout import QueueFolders
 from spoold.daemon.messages import Outcome
 from spoold.daemon.retention import Pruner
@@ -29,9 +29,8 @@ from spoold.daemon.tally import ItemStates, StopRecord, status_mtime_ns
 from spoold.fsio import now_iso
 
 log = logging.getLogger("spoold")
-
-# How many waiting items keep their sidecar documents in memory (read again at dispatch beyond that).
-KEEP_LOADED = 256
+# Waiting items that keep their sidecar documents in memory (read again at dispatch); waiting items at most.
+KEEP_LOADED, MAX_WAITING = 256, 1024
 StartWorker = Callable[["QueueBook", Sidecar, ArrivingItem | None], threading.Thread]
 # (queue, outcome: done, failed or rejected, wall-clock time): the loop's metrics count items ending.
 OnEnded = Callable[[str, str, float], None]
@@ -176,7 +175,8 @@ class QueueBook:
     def take_arrivals(self, now: float) -> None:
         if self.queue.shared is not None:
             return
-        for arrival in self.intake.due(now):
+        # Claimed items wait in work/ for a worker: beyond MAX_WAITING, a burst waits in the inbox instead.
+        for arrival in self.intake.due(now, min(CLAIMS_PER_TICK, MAX_WAITING - len(self.pending))):
             try:
                 self.on_arrival(arrival)
             except OSError as exc:
@@ -364,9 +364,9 @@ class QueueBook:
         deadlines = list(self.retry_at.values())
         if (at := self.gathering.next_deadline()) is not None:
             deadlines.append(time.monotonic() + max(0.0, at - time.time()))
-        # While intake is paused, due arrivals wait for the disk check, not for a spinning loop.
-        if not is_intake_paused and (deadline := self.intake.next_deadline()) is not None:
-            deadlines.append(deadline)
+        # While intake is paused (or MAX_WAITING wait), due arrivals wait for the disk check (or a worker).
+        if not is_intake_paused and len(self.pending) < MAX_WAITING and (at := self.intake.next_deadline()) is not None:
+            deadlines.append(at)
         return min(deadlines, default=None)
 
     # ---- config changes ------------------------------------------------------------------------------------
