@@ -94,6 +94,9 @@ class Intake:
         except FileNotFoundError:
             return
         for name in names:
+            if len(self.candidates) >= MAX_CANDIDATES:
+                self.is_overflowing = True  # the rest when there is room: a burst is not walked once per refill
+                break
             if name not in self.candidates:
                 self._track(name, now)
 

@@ -151,10 +151,9 @@ class QueueBook:
             return
         found = self.sweep.step(lambda item: item in self.running or self.states.is_known(item))
         self.track_found(found or [], is_counted=True)
-        if found is None and any(self.states.tally.counts.values()):
-            log.info("%s: counted the finished items: %s", self.name, self.states.tally.counts)
         if found is None:
-            self.sweep, self.states.tally.counted_live = None, None
+            self.sweep = None
+            self.states.sweep_ended(self.name)
 
     def rescan(self, now: float) -> None:
         """The periodic look at everything: vanished arrivals, the inbox, work/ behind our back, retention."""

@@ -18,6 +18,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
+from typing import Protocol
 
 from spoold.daemon import arriving
 from spoold.daemon.arriving import ArrivingItem
@@ -68,6 +69,14 @@ def recover(config: Config, queue: Queue, folders: QueueFolders, stop_event: thr
     return found
 
 
+class _Listing(Protocol):
+    """What os.scandir returns: entries one by one, and a close."""
+
+    def __iter__(self) -> Iterator[os.DirEntry[str]]: ...
+
+    def close(self) -> None: ...
+
+
 class StatusSweep:
     """After a stop that was not clean: every sidecar of the queue read once, a slice per call.
 
@@ -82,19 +91,19 @@ class StatusSweep:
         self.seen = 0
         # A temp file older than the sweep is a crash's leftover; a newer one may be a worker's write under way.
         self._began = time.time()
-        self._entries: Iterator[os.DirEntry[str]] | None = None
+        self._listing: _Listing | None = None
         try:
-            self._entries = self._listing = os.scandir(folders.status)
+            self._listing = os.scandir(folders.status)
         except OSError as exc:
             log.error("cannot list %s: %s", folders.status, exc.strerror)
 
     def step(self, is_known: Callable[[str], bool], budget_seconds: float = SLICE_SECONDS) -> list[Found] | None:
         """The sidecars read within `budget_seconds`; None once the folder is read to its end."""
-        if self._entries is None:
+        if self._listing is None:
             return None
         found: list[Found] = []
         deadline = time.monotonic() + budget_seconds
-        for entry in self._entries:
+        for entry in self._listing:
             self.seen += 1
             name = entry.name
             if name.startswith(".") and name.endswith(".tmp"):
@@ -122,9 +131,9 @@ class StatusSweep:
         return [Found(sidecar)]
 
     def close(self) -> None:
-        if self._entries is not None:
+        if self._listing is not None:
             self._listing.close()
-            self._entries = None
+            self._listing = None
 
     def __del__(self) -> None:  # a book dropped mid-sweep (a queue gone from the config) lets its listing go
         self.close()

@@ -14,6 +14,7 @@ remembered, so an item recorded twice in a row (found by a rescan as well as by 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from spoold.fsio import now_iso, read_json
+
+log = logging.getLogger("spoold")
 
 FINISHED = ("done", "failed")
 RECENT = 4096
@@ -118,6 +121,12 @@ class ItemStates:
     def is_known(self, item: str) -> bool:
         """Whether a sweep must pass `item` by: unfinished, or counted already since the sweep began."""
         return item in self.active or item in (self.tally.counted_live or ())
+
+    def sweep_ended(self, queue: str) -> None:
+        """Every sidecar was read: the counts are whole, and names counted since need no keeping."""
+        self.tally.counted_live = None
+        if any(self.tally.counts.values()):
+            log.info("%s: counted the finished items: %s", queue, self.tally.counts)
 
     def requeued(self, item: str, from_state: object) -> None:
         """`spoold retry` while the daemon runs: a finished item has work again."""
