@@ -291,12 +291,12 @@ def writes_reported(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
     yield {"PYTHONPATH": python_path, "SPOOLD_TEST_REPORT": str(report)}, report
 
 
-def test_a_small_item_through_checksum_and_ship_costs_seven_sidecar_writes(
+def test_a_small_item_through_checksum_and_ship_costs_five_sidecar_writes(
     tmp_path: Path, write_config: Callable[[str], Path], spool: Path, daemon: Callable[..., DaemonProcess],
     writes_reported: tuple[dict[str, str], Path],
 ) -> None:  # fmt: skip
-    """Every state change is written (durably) when it happens; only the last target's checkpoint rides on the
-    summary's write, which follows it with nothing done between."""
+    """Every state change is written (durably) when it happens. A step's end rides on the next step's start,
+    which follows it with nothing done between; ship keeps no summary of its own when the source stays."""
     env, report = writes_reported
     out = tmp_path / "out"
     config = write_config(f"""\
@@ -319,9 +319,32 @@ def test_a_small_item_through_checksum_and_ship_costs_seven_sidecar_writes(
     assert writes == [
         ["queued", ["pending", "pending"], []],  # claimed
         ["running", ["running", "pending"], []],  # checksum started
-        ["running", ["done", "pending"], []],  # checksum done
-        ["running", ["done", "running"], []],  # ship started
-        ["running", ["done", "running"], ["finished", "summary", "transfer"]],  # delivered, before the source goes
+        ["running", ["done", "running"], []],  # checksum done, ship started
         ["running", ["done", "done"], []],  # ship done, before the item moves to done/
         ["done", ["done", "done"], []],
     ]
+
+
+def test_ship_that_deletes_its_source_records_the_delivery_before_the_source_goes(
+    tmp_path: Path, write_config: Callable[[str], Path], spool: Path, daemon: Callable[..., DaemonProcess],
+    writes_reported: tuple[dict[str, str], Path],
+) -> None:  # fmt: skip
+    env, report = writes_reported
+    out = tmp_path / "out"
+    config = write_config(f"""\
+        spool: {{spool}}
+        queues:
+          q:
+            settle: 0s
+            chain:
+              - checksum: {{}}
+              - ship: {{to: 'file://{out}/', delete_source: true}}
+        """)
+    process = daemon(config, env=env)
+    (spool / "q" / "inbox" / "x.bin").write_bytes(b"payload" * 100)
+    wait_for(sidecar_state(spool, "q", "x.bin", "done"), 20, "x.bin done")
+    process.stop()
+    writes = [json.loads(line) for line in report.read_text().splitlines()]
+    writes = [w for n, w in enumerate(writes) if not n or w != writes[n - 1]]
+    assert ["running", ["done", "running"], ["finished", "summary", "transfer"]] in writes
+    assert writes[-2:] == [["running", ["done", "done"], []], ["done", ["done", "done"], []]]

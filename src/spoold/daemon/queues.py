@@ -2,7 +2,7 @@
 
 `QueueBook` alone changes these; the main loop calls it, from its one thread. Work on files (claiming,
 recovery, arrivals) happens in the modules that own it, which return what they found for the book to
-record. Each item runs in a worker thread of its own, so a new `concurrency` applies at the next dispatch.
+record. Items run as jobs of reused worker threads; a new `concurrency` applies at the next dispatch.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from spoold.daemon.messages import Outcome
 from spoold.daemon.retention import Pruner
 from spoold.daemon.sidecar import ACTIVE_STATES, Sidecar
 from spoold.daemon.tally import ItemStates, StopRecord, status_mtime_ns
+from spoold.daemon.workers import Job
 from spoold.fsio import now_iso
 
 log = logging.getLogger("spoold")
 # Waiting items that keep their sidecar documents in memory (read again at dispatch); waiting items at most.
 KEEP_LOADED, MAX_WAITING = 256, 1024
-StartWorker = Callable[["QueueBook", Sidecar, ArrivingItem | None], threading.Thread]
+StartWorker = Callable[["QueueBook", Sidecar, ArrivingItem | None], Job]
 # (queue, outcome: done, failed or rejected, wall-clock time): the loop's metrics count items ending.
 OnEnded = Callable[[str, str, float], None]
 
@@ -50,7 +51,7 @@ class QueueBook:
         self.stop_event = threading.Event()
         self.is_closed = False
         self.pending: deque[str] = deque()
-        self.running: dict[str, threading.Thread] = {}
+        self.running: dict[str, Job] = {}
         self.retry_at: dict[str, float] = {}
         # Every tracked item with work left. Its document is kept only while it runs or arrives, or while few
         # wait (None: on disk, read at dispatch): a burst of 100,000 queued items must not hold 100,000 documents.

@@ -89,6 +89,7 @@ class ItemRunner:
                     continue
                 if (outcome := self._run_step(step)) is not None:
                     return outcome
+            self.sidecar.write_held()  # the last step's end, before the item leaves work/
             self._move_out("done")
             self.sidecar.done()
             return Outcome("done")
@@ -168,6 +169,7 @@ class ItemRunner:
         arriving = self.arriving
         if arriving is None:
             return None
+        self.sidecar.write_held()  # the wait may be long: what is over is recorded before it
         try:
             arriving.wait_complete()
         except Interrupted:
@@ -189,8 +191,9 @@ class ItemRunner:
         fsync_written([*(result.outputs or []), *result.extras])  # durable before the sidecar says done
         payload = [] if result.is_payload_removed else (relative(result.outputs) if result.outputs is not None
                                                          else None)  # fmt: skip
+        # Written with what comes next (the next step's start, a skip, the item's end), which follows at once.
         self.sidecar.step_done(index, result.result, payload=payload, extras=relative(result.extras),
-                               fields=result.fields)  # fmt: skip
+                               fields=result.fields, is_written=False)  # fmt: skip
 
     def _interrupted(self, index: int | None) -> Outcome:
         self.sidecar.interrupted(index)

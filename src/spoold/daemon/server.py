@@ -13,7 +13,6 @@ import functools
 import logging
 import queue as queue_module
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from spoold.daemon.systemd import Notifier
 from spoold.daemon.tally import read_stop_records, stop_record
 from spoold.daemon.walls import about_message, describe, guarded, log_failure
 from spoold.daemon.watcher import InboxWatcher
+from spoold.daemon.workers import Job, Workers
 from spoold.errors import ConfigError
 from spoold.fsio import now_iso
 from spoold.transports import TransportPool
@@ -66,6 +66,7 @@ class Server:
         self.messages: queue_module.SimpleQueue[Message] = queue_module.SimpleQueue()
         self.is_stopping = False
         self.transports = TransportPool()
+        self.workers = Workers()
         self.notifier = Notifier()
         self.watcher = InboxWatcher(lambda path, is_landed: self.messages.put(PathEvent(path, is_landed)),
                                     lambda: self.messages.put(EventsLost()))  # fmt: skip
@@ -284,11 +285,10 @@ class Server:
         book.dispatch(self._start_worker)
         book.sweep_step()
 
-    def _start_worker(self, book: QueueBook, sidecar: Sidecar, arriving: ArrivingItem | None) -> threading.Thread:
+    def _start_worker(self, book: QueueBook, sidecar: Sidecar, arriving: ArrivingItem | None) -> Job:
         runner = ItemRunner(self.config, self.layout, book.queue, sidecar, transports=self.transports,
                             stop_event=book.item_stop(sidecar.name), post=self.messages.put, arriving=arriving)
-        (thread := threading.Thread(target=runner.run_and_report, name=f"{book.name}/{sidecar.name}")).start()
-        return thread
+        return self.workers.start(f"{book.name}/{sidecar.name}", runner.run_and_report)
 
     # ---- books -------------------------------------------------------------------------------------------------
 
@@ -383,8 +383,8 @@ class Server:
             self.watcher.stop()
         if self._term_count <= 1:
             for book in self._all_books():
-                for thread in list(book.running.values()):
-                    thread.join()
+                for job in list(book.running.values()):
+                    job.join()
             with contextlib.suppress(queue_module.Empty):  # workers that ended after the loop's last look
                 while message := self.messages.get_nowait():  # a shared item's end is its agent's, which stops
                     if isinstance(message, ItemFinished) and message.queue not in self.shared:

@@ -57,6 +57,8 @@ class Sidecar:
         # Progress held back by the once-a-second limit is written by `_DEFERRED` unless another write carries it.
         self._is_flush_scheduled = False
         self._is_progress_unwritten = False
+        # A step's end held for the write that starts the next step (`step_done(is_written=False)`).
+        self._is_end_unwritten = False
         self._is_removed = False
         self._step_began: dict[int, float] = {}  # step index -> time.monotonic() when this process started it
 
@@ -152,12 +154,18 @@ class Sidecar:
 
     def write(self) -> None:
         with self._lock:
-            self._is_progress_unwritten = False
+            self._is_progress_unwritten = self._is_end_unwritten = False
             # Any write carries the progress so far: the next progress-only write waits its second from here,
             # so a step over in less (a 1 KiB checksum) costs no durable write of its progress.
             self._last_progress_write = time.monotonic()
             self.doc["updated"] = now_iso()
             write_bytes_atomic(self.path, encode_json(self.doc))
+
+    def write_held(self) -> None:
+        """Write a step's end that `step_done` held back, if any: before anything waits or moves the item."""
+        with self._lock:
+            if self._is_end_unwritten:
+                self.write()
 
     def write_progress(self) -> None:
         """Write at most once a second; what arrives in between is written when the second is up.
@@ -236,7 +244,10 @@ class Sidecar:
         return None if began is None else time.monotonic() - began
 
     def step_done(self, index: int, result: dict[str, Any], *, payload: list[str] | None, extras: list[str],
-                  fields: dict[str, Any]) -> None:  # fmt: skip
+                  fields: dict[str, Any], is_written: bool = True) -> None:  # fmt: skip
+        """The step is over. `is_written=False` holds the write for the next one, which the caller makes at once
+        (the next step's start, a skip, or `write_held`): one durable write where two followed each other with
+        nothing done between them, so a crash between them loses nothing that happened."""
         if payload is not None:
             self.doc["payload"] = payload
         for extra in extras:
@@ -249,7 +260,11 @@ class Sidecar:
         entry.update({k: record[k] for k in ("bytes", "duration_s") if k in record})
         for transient in ("progress", "waiting", "checkpoint"):
             entry.pop(transient, None)
-        self.write()
+        if is_written:
+            self.write()
+        else:
+            with self._lock:
+                self._is_end_unwritten = True
 
     def skipped(self, index: int, reason: str) -> None:
         """The step's `when:` did not hold; `reason` names the condition that failed. The item goes on."""

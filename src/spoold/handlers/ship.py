@@ -143,7 +143,11 @@ class Ship(Handler[ShipOptions]):
             "remote_path": main,
         }  # fmt: skip
         ctx.checkpoint.data["summary"] = summary
-        ctx.checkpoint.save()
+        if is_marking or self.options.delete_source:
+            # What comes next cannot be undone (the source's removal; a far spool claiming the item at its
+            # marker): a re-run must only finish. Otherwise the step's end is the next write, and a re-run
+            # after a crash before it sends the same bytes again.
+            ctx.checkpoint.save()
         return self._finish(ctx, summary)
 
     def _finish(self, ctx: StepContext, summary: dict[str, Any]) -> StepResult:
