@@ -59,10 +59,11 @@ def parse_iso(text: str | None) -> float | None:
         return None
 
 
-def write_bytes_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+def write_bytes_atomic(path: Path, data: bytes, mode: int = FILE_MODE, *, is_folder_synced: bool = True) -> None:
     """Replace `path` with `data` durably; readers see the old or the new file, never a mix.
 
     On any error (a full disk, a read-only remount) the old file stays as it was and the temp file goes.
+    Without `is_folder_synced`, the rename is durable only once the caller fsyncs the folder (a batch).
     """
     folder = os.path.dirname(path)
     tmp = os.path.join(folder, f"{_TEMP_PREFIX}{next(_temp_numbers)}{TEMP_SUFFIX}")
@@ -80,7 +81,8 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(folder or ".")
+    if is_folder_synced:
+        fsync_dir(folder or ".")
 
 
 class DeferredWrites:

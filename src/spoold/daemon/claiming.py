@@ -21,6 +21,7 @@ from spoold.daemon.layout import HANDOFF_FILE, QueueFolders, read_handoff
 from spoold.daemon.logs import fields as log_fields
 from spoold.daemon.sidecar import Sidecar
 from spoold.daemon.trees import check_item
+from spoold.fsio import fsync_dir
 
 log = logging.getLogger("spoold")
 
@@ -39,7 +40,10 @@ def create_sidecar(
 
 
 def claim(config: Config, queue: Queue, folders: QueueFolders, arrival: Arrival) -> Sidecar | None:
-    """Claim a complete inbox entry: a queued item, or a rejected one already in failed/; None if it vanished."""
+    """Claim a complete inbox entry: a queued item, or a rejected one already in failed/; None if it vanished.
+
+    A queued item is durable, and its marker gone, only after `commit`, which the caller runs before using it.
+    """
     fields: dict[str, Any] = {}
     rejection = arrival.rejection
     kind = "file"
@@ -67,13 +71,25 @@ def claim(config: Config, queue: Queue, folders: QueueFolders, arrival: Arrival)
     if rejection is not None:
         reject(folders, sidecar, rejection)
     else:
-        sidecar.write()
+        sidecar.write(is_folder_synced=False)  # `commit` syncs the folder once for the claims made together
         log.info("%s/%s: claimed%s", queue.name, name, "" if name == arrival.entry else f" ({arrival.entry})",
                  extra=log_fields(queue.name, name))  # fmt: skip
-    if arrival.marker:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(folders.inbox / arrival.marker)
     return sidecar
+
+
+def commit(folders: QueueFolders, claimed: list[Arrival]) -> None:
+    """Make the sidecars of claims just made durable, one fsync of the status folder for all, then remove
+    their ready markers (a sidecar lost to a crash before this is made again from the work folder and
+    the marker, by `adopt_orphan`)."""
+    try:
+        fsync_dir(folders.status)
+    except OSError as exc:  # the claims stand in work/ all the same; their markers stay for `adopt_orphan`
+        log.error("%s: cannot make the claims durable: %s", folders.status, exc)
+        return
+    for arrival in claimed:
+        if arrival.marker:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(folders.inbox / arrival.marker)
 
 
 def reject(folders: QueueFolders, sidecar: Sidecar, reason: str) -> None:

@@ -16,6 +16,8 @@ import dataclasses
 import errno
 import fcntl
 import fnmatch
+import heapq
+import itertools
 import os
 import stat
 from pathlib import Path
@@ -60,6 +62,10 @@ class Intake:
         self.inbox = inbox
         self.settle_seconds = float(queue.spec.settle)
         self.candidates: dict[str, Candidate] = {}
+        # (deadline, order, name) of every candidate, and stale ones (the candidate is gone or its deadline moved)
+        # that are dropped when they come up: the loop asks for the next deadline after every wake.
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._order = itertools.count()
         # Entries already reported early, still arriving: only their marker matters now.
         self.receiving: set[str] = set()
         self.is_overflowing = False  # entries were left untracked (MAX_CANDIDATES): list the inbox when room
@@ -109,7 +115,7 @@ class Intake:
             return
         if is_marker:
             # A marker makes its item ready at once: look at the item, not the marker.
-            self.candidates[name[: -len(READY_SUFFIX)]] = Candidate(None, now)
+            self._set(name[: -len(READY_SUFFIX)], Candidate(None, now))
             return
         if name in self.receiving:
             return
@@ -124,10 +130,26 @@ class Intake:
                 delay = 0.0
         except FileNotFoundError:
             return
-        self.candidates[name] = Candidate(signature, now + delay, is_announced)
+        self._set(name, Candidate(signature, now + delay, is_announced))
+
+    def _set(self, name: str, candidate: Candidate) -> None:
+        self.candidates[name] = candidate
+        self._schedule(name, candidate)
+
+    def _schedule(self, name: str, candidate: Candidate) -> None:
+        heapq.heappush(self._deadlines, (candidate.deadline, next(self._order), name))
+        if len(self._deadlines) > 4 * len(self.candidates) + 64:  # mostly stale (a folder's many events)
+            self._deadlines = [(c.deadline, next(self._order), n) for n, c in self.candidates.items()]
+            heapq.heapify(self._deadlines)
+
+    def _is_current(self, entry: tuple[float, int, str]) -> bool:
+        candidate = self.candidates.get(entry[2])
+        return candidate is not None and candidate.deadline == entry[0]
 
     def next_deadline(self) -> float | None:
-        return min((c.deadline for c in self.candidates.values()), default=None)
+        while self._deadlines and not self._is_current(self._deadlines[0]):
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
 
     def due(self, now: float, limit: int = CLAIMS_PER_TICK) -> list[Arrival]:
         """Entries whose deadline passed and that are complete now, at most `limit`; the rest stay due.
@@ -138,13 +160,19 @@ class Intake:
         arrivals: list[Arrival] = []
         if limit <= 0:
             return arrivals
-        for name in [n for n, c in self.candidates.items() if c.deadline <= now]:
-            arrival = self._check(name, self.candidates[name], now)
-            if arrival is not None:
-                arrivals.append(arrival)
-                del self.candidates[name]
-                if len(arrivals) >= limit:
-                    break
+        checked: list[str] = []
+        try:
+            while len(arrivals) < limit and (at := self.next_deadline()) is not None and at <= now:
+                name = heapq.heappop(self._deadlines)[2]
+                checked.append(name)
+                arrival = self._check(name, self.candidates[name], now)
+                if arrival is not None:
+                    arrivals.append(arrival)
+                    del self.candidates[name]
+        finally:
+            for name in checked:  # not complete yet (or the check raised): due again at its deadline
+                if (candidate := self.candidates.get(name)) is not None:
+                    self._schedule(name, candidate)
         if self.is_overflowing and len(self.candidates) < MAX_CANDIDATES // 2:
             self.is_overflowing = False
             self.scan(now)  # the rest of a burst, now that there is room

@@ -37,10 +37,6 @@ StartWorker = Callable[["QueueBook", Sidecar, ArrivingItem | None], Job]
 OnEnded = Callable[[str, str, float], None]
 
 
-def _not_counted(queue: str, outcome: str, at: float) -> None:
-    """An `OnEnded` for a book nobody counts."""
-
-
 class QueueBook:
     def __init__(self, config: Config, queue: Queue, folders: QueueFolders) -> None:
         self.config = config
@@ -65,7 +61,7 @@ class QueueBook:
         self.last_error: dict[str, Any] | None = None
         # Members of a `gather:` queue wait there for their group instead of running the chain.
         self.gathering = Gathering(config, queue, folders)
-        self.on_ended: OnEnded = _not_counted
+        self.on_ended: OnEnded = lambda _queue, _outcome, _at: None  # a book nobody counts
         self.pruner = Pruner(folders, self.states.forget_finished, lambda: self.sweep is None)
         # One stop per running item: `stop` sets them all, `revoke` one (a shared queue's claim was lost).
         self._item_stops: dict[str, threading.Event] = {}
@@ -175,31 +171,35 @@ class QueueBook:
     def take_arrivals(self, now: float) -> None:
         if self.queue.shared is not None:
             return
+        claimed: list[tuple[Arrival, Sidecar]] = []
         # Claimed items wait in work/ for a worker: beyond MAX_WAITING, a burst waits in the inbox instead.
         for arrival in self.intake.due(now, min(CLAIMS_PER_TICK, MAX_WAITING - len(self.pending))):
             try:
-                self.on_arrival(arrival)
+                if (sidecar := self._on_arrival(arrival)) is not None:
+                    claimed.append((arrival, sidecar))
             except OSError as exc:
                 # Whatever was claimed stays where it is (inbox, or work/ without a sidecar): a rescan retries.
                 log.error("%s/%s: cannot claim: %s", self.name, arrival.entry, exc)
             except Exception:
                 log.exception("%s/%s: internal error while claiming; a rescan tries again", self.name, arrival.entry)
+        if claimed:
+            claiming.commit(self.folders, [arrival for arrival, _ in claimed])
+            for _, sidecar in claimed:
+                self.track(sidecar)
 
-    def on_arrival(self, arrival: Arrival) -> None:
-        """Act on what intake reports: a folder to start early, the marker of one arriving, or a complete entry."""
+    def _on_arrival(self, arrival: Arrival) -> Sidecar | None:
+        """A folder to start early, the marker of one arriving, or a complete entry (claimed: its sidecar)."""
         if arrival.is_early:
             started = arriving.start(self.config, self.queue, self.folders, arrival.entry, self.stop_event)
             if started is not None:
                 self._track_arriving(*started)
-            return
+            return None
         # An abandoned item's folder was replaced: the marker belongs to the new folder, a new item.
         early = next((a for a in self.arriving.values() if a.entry == arrival.entry and not a.is_abandoned), None)
         if early is not None:
             self._complete(early)
-            return
-        sidecar = claiming.claim(self.config, self.queue, self.folders, arrival)
-        if sidecar is not None:
-            self.track(sidecar)
+            return None
+        return claiming.claim(self.config, self.queue, self.folders, arrival)
 
     def on_event(self, parts: tuple[str, ...], is_landed: bool, now: float) -> None:
         """An inbox event at `parts` (relative to the inbox)."""

@@ -152,14 +152,15 @@ class Sidecar:
 
     # ---- writing ---------------------------------------------------------------------------------------------
 
-    def write(self) -> None:
+    def write(self, *, is_folder_synced: bool = True) -> None:
+        """Replace the file durably; without `is_folder_synced` the caller fsyncs the status folder after."""
         with self._lock:
             self._is_progress_unwritten = self._is_end_unwritten = False
             # Any write carries the progress so far: the next progress-only write waits its second from here,
             # so a step over in less (a 1 KiB checksum) costs no durable write of its progress.
             self._last_progress_write = time.monotonic()
             self.doc["updated"] = now_iso()
-            write_bytes_atomic(self.path, encode_json(self.doc))
+            write_bytes_atomic(self.path, encode_json(self.doc), is_folder_synced=is_folder_synced)
 
     def write_held(self) -> None:
         """Write a step's end that `step_done` held back, if any: before anything waits or moves the item."""
