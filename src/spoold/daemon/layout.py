@@ -104,7 +104,8 @@ class QueueFolders:
         return folder / item
 
     def is_name_taken(self, item: str) -> bool:
-        return any(p.exists() or p.is_symlink() for p in (
+        # lexists: one lstat a path, where exists() or is_symlink() took two for each name that is free.
+        return any(os.path.lexists(p) for p in (
             self.work / item, self.done / item, self.failed / item, self.sidecar_path(item),
         ))  # fmt: skip
 

@@ -30,8 +30,8 @@ from spoold.daemon.workers import Job
 from spoold.fsio import now_iso
 
 log = logging.getLogger("spoold")
-# Waiting items that keep their sidecar documents in memory (read again at dispatch); waiting items at most.
-KEEP_LOADED, MAX_WAITING = 256, 1024
+# Waiting items whose documents stay in memory (the rest are read at dispatch), and waiting items at most.
+KEEP_LOADED, MAX_WAITING = 1024, 1024
 StartWorker = Callable[["QueueBook", Sidecar, ArrivingItem | None], Job]
 # (queue, outcome: done, failed or rejected, wall-clock time): the loop's metrics count items ending.
 OnEnded = Callable[[str, str, float], None]
