@@ -32,7 +32,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+        time.sleep(interval)  # the poll's interval, bounded by the deadline above: not synchronisation
 
 
 def need_or_skip(reason: str) -> None:
@@ -201,7 +201,7 @@ def no_leaked_threads() -> Iterator[None]:
         leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
         if not leaked:
             return
-        time.sleep(0.05)
+        time.sleep(0.05)  # a poll's interval, bounded by the deadline above: not synchronisation
     pytest.fail(f"test leaked threads: {leaked}")
 
 

@@ -109,4 +109,4 @@ def start_sshd(
             if time.monotonic() > deadline:
                 server.stop()
                 raise RuntimeError(f"sshd did not listen on port {port} within {timeout}s") from None
-            time.sleep(0.05)
+            time.sleep(0.05)  # a poll's interval, bounded by the deadline above: not synchronisation

@@ -37,7 +37,7 @@ if mode == "fields":
     print("some chatter")
     print(json.dumps({"result_id": 7, "model_dir": "/m/x"}))
 if mode == "sleep":
-    time.sleep(30)
+    time.sleep(30)  # a step that outlasts its timeout: not synchronisation
 if mode == "leak":
     print("connecting with " + " ".join(sys.argv[2:]), file=sys.stderr)
     sys.exit(1)
@@ -245,7 +245,8 @@ def test_min_free_pauses_intake(write_config: WriteConfig, spool: Path, daemon: 
     assert health["disk"]["intake_paused"] is True
     assert "paused" in health["status"]
     (spool / "q" / "inbox" / "waiting.txt").write_text("w")
-    time.sleep(1.5)  # settle is 0s: without the pause it would be claimed at once
+    # The daemon gives no sign of an arrival it holds back; settle is 0s, so without the pause it is claimed at once.
+    time.sleep(1.5)  # a window in which nothing may happen (a negative check), not synchronisation
     assert (spool / "q" / "inbox" / "waiting.txt").exists()
     assert read_sidecar(spool, "q", "waiting.txt") is None
     assert "spoold_intake_paused 1" in (spool / "metrics.prom").read_text()
@@ -335,10 +336,16 @@ def test_idle_daemon_sleeps(write_config: WriteConfig, spool: Path, daemon: Star
     queues = "".join(f"  q{i}: {{chain: [checksum]}}\n" for i in range(10))
     process = daemon(write_config("spool: {spool}\nrescan: 2s\nqueues:\n" + queues))
     pid = process.process.pid  # type: ignore[union-attr]
-    time.sleep(0.5)  # start-up work settles
+    samples = [_cpu_seconds(pid)]
+
+    def start_up_over() -> bool:  # its CPU time stood still for a sample's interval
+        samples.append(_cpu_seconds(pid))
+        return samples[-1] == samples[-2]
+
+    wait_for(start_up_over, 10, "the daemon's start-up work to end", interval=0.2)
     before = _cpu_seconds(pid)
     first_beat = json.loads((spool / "health.json").read_text())["heartbeat"]
-    time.sleep(3)
+    time.sleep(3)  # the window measured: wall-clock time passing, not synchronisation
     used = _cpu_seconds(pid) - before
     assert used < 0.1, f"idle daemon used {used:.3f}s of CPU in 3s"
     wait_for(lambda: json.loads((spool / "health.json").read_text())["heartbeat"] != first_beat, 10,

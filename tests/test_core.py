@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import sys, time
 from pathlib import Path
 tmp, name = Path(sys.argv[1]), sys.argv[2]
 (tmp / "started").write_text(name)
-time.sleep(3)
+time.sleep(3)  # a slow step: not synchronisation
 with open(tmp / "ran.log", "a") as log:
     log.write(name + "\\n")
 """
@@ -40,7 +39,7 @@ mark = tmp / "running" / name
 mark.touch()
 deadline = time.monotonic() + 30
 while not (tmp / "release").exists() and time.monotonic() < deadline:
-    time.sleep(0.05)
+    time.sleep(0.05)  # a poll's interval, bounded by the deadline: not synchronisation
 mark.unlink()
 sys.exit(0 if (tmp / "release").exists() else 1)
 """
@@ -85,14 +84,6 @@ def wait_alive(process: DaemonProcess, predicate: Callable[[], Any], timeout: fl
     return wait_for(check, timeout, what)
 
 
-def stays_alive(process: DaemonProcess, until: float) -> None:
-    """Poll until the monotonic time `until`; fail as soon as the daemon is gone."""
-    while time.monotonic() < until:
-        alive(process)
-        time.sleep(0.05)
-    alive(process)
-
-
 def health_queues(spool: Path) -> set[str] | None:
     try:
         return set(json.loads((spool / "health.json").read_text())["queues"])
@@ -128,12 +119,12 @@ def test_reload_drops_a_queue_while_its_item_runs(tmp_path: Path, write_config: 
     (spool / "slow" / "inbox" / "clip.bin").write_bytes(b"slow payload")
     wait_alive(process, sidecar_state(spool, "slow", "clip.bin", "running"), 10, "slow item running")
     wait_alive(process, (tmp_path / "started").exists, 10, "the exec started")
-    exec_started = time.monotonic()
 
     write_config(slow_config(tmp_path, with_slow=False))
     process.signal(signal.SIGHUP)
-    # The exec ends 3 s after it started: its end must not reach a queue that is gone.
-    stays_alive(process, exec_started + 5.5)
+    # The step is stopped with its queue: its end must not reach a queue that is gone.
+    wait_alive(process, lambda: "queue slow: its last running item has stopped" in process.log(), 10,
+               "the dropped queue's running item to end")  # fmt: skip
     wait_alive(process, lambda: health_queues(spool) == {"other"}, 12, "health.json without the dropped queue")
 
     (spool / "other" / "inbox" / "after.txt").write_text("after")
@@ -286,7 +277,9 @@ def test_failed_folder_unusable_then_repaired(write_config: WriteConfig, spool: 
     assert doc["error"]["retryable"] is False
     (spool / "ok" / "inbox" / "one.txt").write_text("one")
     wait_alive(process, sidecar_state(spool, "ok", "one.txt", "done"), 10, "the other queue still works")
-    stays_alive(process, time.monotonic() + 2.5)  # two rescans meet the broken folder
+    met = process.log().count("q/bad.txt: cannot pick up from work/")
+    wait_alive(process, lambda: process.log().count("q/bad.txt: cannot pick up from work/") >= met + 2, 10,
+               "two rescans to meet the broken folder")  # fmt: skip
     assert (spool / "q" / "work" / "bad.txt" / "bad.txt").read_text() == "bad", "the item must stay whole in work/"
 
     failed_dir.unlink()
@@ -324,7 +317,9 @@ def test_work_folder_replaced_by_a_file(write_config: WriteConfig, spool: Path, 
     (spool / "q" / "inbox" / "second.txt").write_text("second")  # cannot be claimed now
     (spool / "ok" / "inbox" / "one.txt").write_text("one")
     wait_alive(process, sidecar_state(spool, "ok", "one.txt", "done"), 10, "the other queue still works")
-    stays_alive(process, time.monotonic() + 2.5)  # two rescans meet the broken folder
+    met = process.log().count("q/second.txt: cannot claim")
+    wait_alive(process, lambda: process.log().count("q/second.txt: cannot claim") >= met + 2, 10,
+               "two rescans to meet the broken folder")  # fmt: skip
     (spool / "ok" / "inbox" / "two.txt").write_text("two")
     wait_alive(process, sidecar_state(spool, "ok", "two.txt", "done"), 10, "the other queue keeps working")
     copies = [p for p in (spool / "q").rglob("second.txt") if p.is_file()]

@@ -64,12 +64,12 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
         # Drop the files in bursts between kills, so kills land in every phase of the chain.
         for name in names[round_index * FILES // kills : (round_index + 1) * FILES // kills]:
             drop(inbox, name, expected[name])
-        time.sleep(rng.uniform(0.05, 0.5))
+        time.sleep(rng.uniform(0.05, 0.5))  # places the kill at a random point; it does not wait for anything
         process.kill()
         is_waiting = rng.random() < 0.5
         process = daemon(config, wait=is_waiting)
         if not is_waiting:
-            time.sleep(rng.uniform(0.05, 0.3))  # sometimes die again during recovery
+            time.sleep(rng.uniform(0.05, 0.3))  # sometimes die again during recovery (places the kill, no wait)
             process.kill()
             process = daemon(config)
 

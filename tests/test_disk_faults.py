@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,17 +108,22 @@ def test_low_disk_pauses_intake_within_about_a_second(tmp_path: Path, write_conf
             chain: [checksum]
         """)
     daemon(config, env={**site_with(tmp_path, PATCH_FREE), "SPOOLD_TEST_FREE": str(free)})
-    time.sleep(0.5)
+
+    def disk() -> dict[str, Any]:
+        try:
+            return dict(json.loads((spool / "health.json").read_text())["disk"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+
+    def planted_read() -> bool:  # the daemon has read the planted free space (through the patch); intake runs
+        state = disk()
+        return state.get("intake_paused") is False and any(
+            isinstance(v, dict) and v.get("free_bytes") == 1 << 40 for v in state.values())
+
+    wait_for(planted_read, 5, "health.json with the planted free space")
     free.write_text(str(1 << 20))
     started = time.monotonic()
-
-    def paused() -> bool:
-        try:
-            return bool(json.loads((spool / "health.json").read_text())["disk"]["intake_paused"])
-        except (OSError, ValueError, KeyError):
-            return False
-
-    wait_for(paused, 5, "intake paused")
+    wait_for(lambda: disk().get("intake_paused") is True, 5, "intake paused")
     assert time.monotonic() - started < 2.5  # was up to 5 s plus the health write
 
 

@@ -88,7 +88,7 @@ class _Handler(BaseHTTPRequestHandler):
         for offset in range(0, limit, 65536):
             self.wfile.write(body[offset : min(offset + 65536, limit)])
             if self.server.chunk_delay_seconds:
-                time.sleep(self.server.chunk_delay_seconds)
+                time.sleep(self.server.chunk_delay_seconds)  # a slow server's pacing: not synchronisation
         if cut is not None:
             self.close_connection = True
 

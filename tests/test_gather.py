@@ -433,7 +433,7 @@ def test_kill_right_after_the_last_member_arrives_repeatedly(tmp_path: Path, wri
         process.kill()
         if rng.random() < 0.5:
             process = daemon(config, wait=False)
-            time.sleep(rng.uniform(0.05, 0.3))  # and sometimes again while it recovers
+            time.sleep(rng.uniform(0.05, 0.3))  # and sometimes again while it recovers (places the kill)
             process.kill()
         process = daemon(config)
     for session in sessions:

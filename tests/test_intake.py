@@ -34,6 +34,15 @@ def sidecar_names(spool: Path, queue: str = "q") -> list[str]:
     return sorted(p.name[: -len(".json")] for p in (spool / queue / "status").glob("*.json"))
 
 
+def rescan_passed(tmp_path: Path, spool: Path, name: str, queue: str = "q") -> None:
+    """Wait until a rescan of `queue` has run: hard-link a file in (only IN_CREATE, which the daemon does not
+    subscribe to, so only a rescan finds it) and wait for its item. Every call waits for another rescan."""
+    outside = tmp_path / f"rescan-probe-{queue}-{name}"
+    outside.write_text(name)
+    os.link(outside, inbox(spool, queue) / name)
+    wait_for(lambda: read_sidecar(spool, queue, name), 10, f"a rescan of {queue} to find {name}")
+
+
 def test_file_is_claimed_only_after_settle(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
     daemon(one_queue(write_config, "    settle: 1s\n"))
     path = inbox(spool) / "a.bin"
@@ -52,21 +61,21 @@ def test_file_still_being_appended_is_not_claimed(write_config: WriteConfig, spo
     for _ in range(8):
         with open(path, "ab") as stream:
             stream.write(b"x" * 1000)
-        time.sleep(0.3)
+        time.sleep(0.3)  # a slow writer's pacing: not synchronisation
         assert read_sidecar(spool, "q", "growing.bin") is None, "claimed while still being appended"
     # ... then appends on one open handle (no event at all; only scans see it).
     with open(path, "ab") as stream:
         for _ in range(8):
             stream.write(b"y" * 1000)
             stream.flush()
-            time.sleep(0.3)
+            time.sleep(0.3)  # a slow writer's pacing: not synchronisation
             assert read_sidecar(spool, "q", "growing.bin") is None, "claimed while still open and growing"
     done = wait_for(sidecar_state(spool, "q", "growing.bin", "done"), 10, "growing file done")
     assert done["steps"][0]["result"]["bytes"] == 16000
 
 
-def test_file_open_for_writing_is_not_claimed_during_a_long_pause(write_config: WriteConfig, spool: Path,
-                                                                  daemon: Start) -> None:  # fmt: skip
+def test_file_open_for_writing_is_not_claimed_during_a_long_pause(tmp_path: Path, write_config: WriteConfig,
+                                                                  spool: Path, daemon: Start) -> None:  # fmt: skip
     # torture/producers.py: a writer pausing longer than settle on an open handle was claimed by a rescan
     # (no event, quiet size and mtime), and its checksum and ship saw a truncated file.
     daemon(one_queue(write_config, "    settle: 0.3s\n", rescan="1s"))
@@ -74,7 +83,10 @@ def test_file_open_for_writing_is_not_claimed_during_a_long_pause(write_config: 
     with open(path, "wb") as stream:
         stream.write(b"a" * 1000)
         stream.flush()
-        time.sleep(2.5)  # two rescans and many settle periods with nothing changing
+        # The writer pauses, nothing changing, through two rescans: the second comes a rescan period (1s, many
+        # settle periods) after the first, so it meets a file quiet for longer than settle.
+        rescan_passed(tmp_path, spool, "probe1.bin")
+        rescan_passed(tmp_path, spool, "probe2.bin")
         assert read_sidecar(spool, "q", "paused.bin") is None, "claimed while still open for writing"
         stream.write(b"b" * 1000)
     done = wait_for(sidecar_state(spool, "q", "paused.bin", "done"), 10, "paused file done")
@@ -92,7 +104,7 @@ def test_a_removed_inbox_is_made_and_watched_again(write_config: WriteConfig, sp
         wait_for(sidecar_state(spool, "q", name, "done"), 10, f"{name} done long before the rescan")
 
 
-def test_ignore_patterns(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
+def test_ignore_patterns(tmp_path: Path, write_config: WriteConfig, spool: Path, daemon: Start) -> None:
     config = write_config("""\
         spool: {spool}
         rescan: 1s
@@ -111,16 +123,19 @@ def test_ignore_patterns(write_config: WriteConfig, spool: Path, daemon: Start) 
         (inbox(spool) / name).write_text(name)
     (inbox(spool, "custom") / "x.wip").write_text("wip")
     (inbox(spool, "custom") / "x.part").write_text("part is not ignored here: patterns replace the default")
-    time.sleep(1.5)  # let a rescan pass over the ignored names (rescan: 1s)
+    for queue in ("q", "custom"):  # a rescan passes over the ignored names
+        rescan_passed(tmp_path, spool, "probe.bin", queue)
     (inbox(spool) / "real.txt").write_text("real")
     wait_for(sidecar_state(spool, "q", "real.txt", "done"), 10, "real file done")
     wait_for(sidecar_state(spool, "custom", "x.part", "done"), 10, "x.part done in the custom queue")
-    assert sidecar_names(spool) == ["real.txt"]
+    wait_for(sidecar_state(spool, "q", "probe.bin", "done"), 10, "the probe done")
+    assert sidecar_names(spool) == ["probe.bin", "real.txt"]
     assert sorted(os.listdir(inbox(spool))) == sorted(ignored)
     assert os.listdir(inbox(spool, "custom")) == ["x.wip"]
+    assert sorted(sidecar_names(spool, "custom")) == ["probe.bin", "x.part"]
 
 
-def test_bundle_with_ready_marker(write_config: WriteConfig, spool: Path, daemon: Start) -> None:
+def test_bundle_with_ready_marker(tmp_path: Path, write_config: WriteConfig, spool: Path, daemon: Start) -> None:
     daemon(one_queue(write_config, """\
     items: bundles
     settle: 0s
@@ -131,7 +146,7 @@ def test_bundle_with_ready_marker(write_config: WriteConfig, spool: Path, daemon
         (episode / cam).mkdir(parents=True)
         for i in range(3):
             (episode / cam / f"frame_{i}.png").write_bytes(bytes([i]) * 10)
-    time.sleep(1.5)  # a rescan runs; the folder has no marker, so it stays
+    rescan_passed(tmp_path, spool, "probe_ep1")  # a rescan runs; the folder has no marker, so it stays
     assert read_sidecar(spool, "q", "robot_ep7") is None
     (inbox(spool) / "robot_ep7.ready").write_text(json.dumps({"operator": "ann", "episode_index": "7"}))
     doc = wait_for(sidecar_state(spool, "q", "robot_ep7", "done"), 10, "bundle done")
@@ -149,7 +164,7 @@ def test_bundle_ready_by_settle(write_config: WriteConfig, spool: Path, daemon: 
     folder.mkdir()
     for i in range(5):
         (folder / f"{i}.txt").write_text(str(i))
-        time.sleep(0.3)
+        time.sleep(0.3)  # files arriving slowly (less than settle apart): not synchronisation
         assert read_sidecar(spool, "q", "batch") is None, "claimed while files were still arriving"
     (folder / "sub").mkdir()
     (folder / "sub" / "late.txt").write_text("late")
@@ -171,7 +186,7 @@ def test_requests_queue(write_config: WriteConfig, spool: Path, daemon: Start) -
     assert doc["original_name"] == "abc.json"
     broken = wait_for(sidecar_state(spool, "q", "broken", "failed"), 10, "invalid request failed")
     assert "not valid JSON" in broken["error"]["message"] and broken["error"]["retryable"] is False
-    assert (spool / "q" / "failed" / "broken").is_dir()
+    wait_for((spool / "q" / "failed" / "broken").is_dir, 10, "the invalid request moved to failed/")
     listed = wait_for(sidecar_state(spool, "q", "list", "failed"), 10, "non-object request failed")
     assert "object" in listed["error"]["message"]
     notes = wait_for(sidecar_state(spool, "q", "notes.txt", "failed"), 10, "non-json file failed")
@@ -207,9 +222,12 @@ def test_symlink_fifo_and_folder_are_rejected_unread(tmp_path: Path, write_confi
     assert "FIFO" in pipe["error"]["message"]
     folder = wait_for(sidecar_state(spool, "q", "folder", "failed"), 10, "folder rejected")
     assert "folder" in folder["error"]["message"] and "bundles" in folder["error"]["message"]
+    # The sidecar says `failed` just before the entry is moved to failed/.
     moved = spool / "q" / "failed" / "link.txt" / "link.txt"
+    wait_for(lambda: os.path.lexists(moved), 10, "the link moved to failed/")
     assert moved.is_symlink(), "the link itself is kept in failed/, not its target"
     assert secret.read_text() == "do not read me"
+    wait_for(lambda: os.path.lexists(spool / "q" / "failed" / "pipe" / "pipe"), 10, "the FIFO moved to failed/")
     assert (spool / "q" / "failed" / "pipe" / "pipe").is_fifo()
     assert all(d["steps"][0]["state"] == "pending" for d in (link, pipe, folder)), "no step ran"
 
@@ -233,8 +251,9 @@ def test_file_missed_by_inotify_is_found_by_rescan_once(tmp_path: Path, write_co
     os.link(outside, inbox(spool) / "linked.txt")
     doc = wait_for(sidecar_state(spool, "q", "linked.txt", "done"), 10, "linked file done")
     assert doc["attempts"] == 1
-    time.sleep(2.5)  # two more rescans must not claim anything again
-    assert sidecar_names(spool) == ["linked.txt"]
+    rescan_passed(tmp_path, spool, "probe1.bin")  # two more rescans must not claim anything again
+    rescan_passed(tmp_path, spool, "probe2.bin")
+    assert sidecar_names(spool) == ["linked.txt", "probe1.bin", "probe2.bin"]
     assert process.log().count("q/linked.txt: claimed") == 1
 
 
@@ -247,7 +266,7 @@ def test_claims_are_prompt_under_a_steady_stream(write_config: WriteConfig, spoo
         name = f"s{i:02d}.bin"
         (inbox(spool) / name).write_bytes(b"s" * 1000)
         closed[name] = time.time()
-        time.sleep(0.03)
+        time.sleep(0.03)  # a steady stream's pacing: not synchronisation
     delays = []
     for name, at in closed.items():
         doc = wait_for(lambda name=name: read_sidecar(spool, "q", name), 10, f"{name} claimed")

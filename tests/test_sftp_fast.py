@@ -89,7 +89,7 @@ def far(tmp_path: Path) -> Iterator[dict[str, Any]]:
             except OSError:
                 assert server.process.poll() is None, (server.root / "sshd.log").read_text()
                 assert time.monotonic() < deadline, "sshd did not come back"
-                time.sleep(0.05)
+                time.sleep(0.05)  # a poll's interval, bounded by the deadline above: not synchronisation
 
     yield {"start": start}
     for server in servers:

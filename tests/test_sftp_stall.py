@@ -12,7 +12,6 @@ import contextlib
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 
 from spoold.errors import TransientError
@@ -53,7 +52,7 @@ class StallingProxy:
         with contextlib.suppress(OSError):
             while not self.closing.is_set():
                 if upstream and self.stalled.is_set():
-                    time.sleep(0.05)
+                    self.closing.wait(0.05)  # stalled until un-stalled, or closed
                     continue
                 if not (data := source.recv(65536)):
                     break

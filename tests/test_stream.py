@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from spoold import frames as frames_module
 from spoold import media
 from tests.conftest import DaemonProcess, make_frames, read_sidecar, sidecar_state, wait_for
 
@@ -97,6 +96,12 @@ def arriving_progress(spool: Path, item: str) -> Callable[[], dict[str, Any] | N
     return check
 
 
+def frames_seen(spool: Path, item: str) -> dict[str, int]:
+    """How many frames of each camera the encode has seen so far (its progress in the sidecar)."""
+    cameras = encode_step(spool, item).get("progress", {}).get("cameras", {})
+    return {name: camera.get("frames_total", 0) for name, camera in cameras.items()}
+
+
 def done_with(spool: Path, item: str, frames: int) -> dict[str, Any]:
     """Wait for `item` to be done; check every camera's video holds `frames` frames."""
     doc = wait_for(sidecar_state(spool, "episodes", item, "done"), 30, f"{item} done")
@@ -159,7 +164,8 @@ def test_a_gap_is_reported_at_the_marker_not_encoded(
     producer = Producer(frames, inbox / "ep3", [*range(1, 11), *range(13, 31)]).start()
     assert producer.written.wait(20)
     wait_for(lambda: encode_step(spool, "ep3").get("state") == "running", 10, "encode running")
-    time.sleep(1.0)  # a window in which nothing may be decided: the producer has not said it is finished
+    # The encode has seen every frame, both sides of the gap; nothing may be decided before the marker.
+    wait_for(lambda: frames_seen(spool, "ep3") == dict.fromkeys(CAMERAS, 28), 10, "every frame of ep3 seen")
     doc = read_sidecar(spool, "episodes", "ep3")
     assert doc is not None and doc["state"] == "running" and doc.get("arriving") is True
     producer.finish()
@@ -179,7 +185,7 @@ def test_a_first_frame_landing_late_is_encoded_in_order(
     producer = Producer(frames, episode, list(range(5, 31)))
     producer.start()
     wait_for(arriving_progress(spool, "ep4"), 20, "frames from 5 on encoded while arriving")
-    Producer(frames, episode, list(range(1, 5))).start().written.wait(10)
+    assert Producer(frames, episode, list(range(1, 5))).start().written.wait(10), "the late frames were not written"
     producer.finish()
     done_with(spool, "ep4", 30)
 
@@ -288,7 +294,8 @@ def test_a_fifo_named_like_a_frame_is_refused_not_waited_on(
     assert producer.written.wait(20)
     os.mkfifo(inbox / "ep9" / "cam_left" / "frame_000006.png")
     wait_for(lambda: encode_step(spool, "ep9").get("state") == "running", 10, "encode running")
-    time.sleep(frames_module.LISTING_SECONDS * 2)  # a window in which the feeder lists the folder and meets the FIFO
+    # The feeder lists the folder and meets the FIFO: it gives up encoding early, it does not block on it.
+    wait_for(lambda: "cam_left/frame_000006.png is a FIFO" in run.log(), 20, "the feeder to meet the FIFO")
     producer.finish()
     doc = wait_for(sidecar_state(spool, "episodes", "ep9", "failed"), 5, "ep9 rejected soon after its marker")
     assert "frame_000006.png" in doc["error"]["message"] and "fifo" in doc["error"]["message"].lower()

@@ -158,7 +158,8 @@ def test_graceful_stop_checkpoints_a_running_step_and_resumes(
 ) -> None:  # fmt: skip
     config = CONFIG.replace(
         "      - checksum: {algorithms: [sha256]}",
-        "      - exec: {argv: [" + sys.executable + ", -c, 'import time; time.sleep(30)'], timeout: 60s}\n"
+        # A step that runs long: SIGTERM must checkpoint it.
+        "      - exec: {argv: [" + sys.executable + ", -c, 'import time; time.sleep(30)'], timeout: 60s}\n"  # slow step
         "      - checksum: {}",
     )
     process = notify_daemon(config)
@@ -181,7 +182,7 @@ def test_second_sigterm_stops_at_once(notify_daemon: Callable[..., DaemonProcess
         "      - checksum: {algorithms: [sha256]}",
         # A step that ignores the stop flag for a while (a long sleep in a child that traps TERM).
         "      - exec: {argv: [" + sys.executable + ", -c, "
-        "'import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(30)']}",
+        "'import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(30)']}",  # a stuck step
     )
     process = notify_daemon(config)
     listener.wait_for("READY=1")

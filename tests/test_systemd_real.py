@@ -242,7 +242,7 @@ def assert_fails_once(box: Box, verb: str, status: str) -> None:
     deadline = time.monotonic() + 7  # RestartSec=5s: a restart loop would have started again by now
     while time.monotonic() < deadline:
         assert box.ct.show("spoold", "ActiveState", "NRestarts") == {"ActiveState": "failed", "NRestarts": restarts}
-        time.sleep(0.5)
+        time.sleep(0.5)  # a negative window's poll (no restart may happen): not synchronisation
 
 
 def test_bad_config_fails_once_with_78(box: Box) -> None:

@@ -252,7 +252,7 @@ with open(here / "calls.log", "a") as log:
     log.write(sys.argv[1] + "\\n")
 deadline = time.monotonic() + 20
 while not (here / "go").exists() and time.monotonic() < deadline:
-    time.sleep(0.05)
+    time.sleep(0.05)  # a poll's interval, bounded by the deadline: not synchronisation
 sys.exit(0 if (here / "go").exists() else 1)
 """
 

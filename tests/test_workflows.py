@@ -236,8 +236,11 @@ home = pathlib.Path.home()
 with open(home / "runs", "a") as runs:
     runs.write("run\\n")
 print("epoch 1/3 loss=0.9", flush=True)
+deadline = time.monotonic() + 300  # a test that fails leaves no job waiting forever
 while not (home / "gate").exists():
-    time.sleep(0.1)
+    if time.monotonic() > deadline:
+        raise SystemExit("no gate within 300 s")
+    time.sleep(0.1)  # a poll's interval, bounded by the deadline: not synchronisation
 dataset = sorted(str(p.relative_to("dataset")) for p in pathlib.Path("dataset").rglob("*") if p.is_file())
 weights = pathlib.Path("output/exp1/weights")
 weights.mkdir(parents=True)
