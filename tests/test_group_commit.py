@@ -291,14 +291,13 @@ def writes_reported(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
     yield {"PYTHONPATH": python_path, "SPOOLD_TEST_REPORT": str(report)}, report
 
 
-def test_a_small_item_through_checksum_and_ship_costs_five_sidecar_writes(
-    tmp_path: Path, write_config: Callable[[str], Path], spool: Path, daemon: Callable[..., DaemonProcess],
-    writes_reported: tuple[dict[str, str], Path],
-) -> None:  # fmt: skip
-    """Every state change is written (durably) when it happens. A step's end rides on the next step's start,
-    which follows it with nothing done between; ship keeps no summary of its own when the source stays."""
+Daemon = Callable[..., DaemonProcess]
+
+
+def sidecar_writes_of_one_item(out: Path, ship_options: str, write_config: Callable[[str], Path], spool: Path,
+                               daemon: Daemon, writes_reported: tuple[dict[str, str], Path]) -> list[Any]:  # fmt: skip
+    """Run one small item through `checksum -> ship` to `out`; the sidecar writes it cost, as reported."""
     env, report = writes_reported
-    out = tmp_path / "out"
     config = write_config(f"""\
         spool: {{spool}}
         queues:
@@ -306,16 +305,26 @@ def test_a_small_item_through_checksum_and_ship_costs_five_sidecar_writes(
             settle: 0s
             chain:
               - checksum: {{}}
-              - ship: {{to: 'file://{out}/'}}
+              - ship: {{to: 'file://{out}/'{ship_options}}}
         """)
     process = daemon(config, env=env)
     (spool / "q" / "inbox" / "x.bin").write_bytes(b"payload" * 100)
     wait_for(sidecar_state(spool, "q", "x.bin", "done"), 20, "x.bin done")
     process.stop()
-    assert (out / "x.bin").read_bytes() == b"payload" * 100
     writes = [json.loads(line) for line in report.read_text().splitlines()]
     # A progress write (a step that took over a second on a loaded machine) repeats the write before it.
-    writes = [w for n, w in enumerate(writes) if not n or w != writes[n - 1]]
+    return [w for n, w in enumerate(writes) if not n or w != writes[n - 1]]
+
+
+def test_a_small_item_through_checksum_and_ship_costs_five_sidecar_writes(
+    tmp_path: Path, write_config: Callable[[str], Path], spool: Path, daemon: Daemon,
+    writes_reported: tuple[dict[str, str], Path],
+) -> None:  # fmt: skip
+    """Every state change is written (durably) when it happens. A step's end rides on the next step's start,
+    which follows it with nothing done between; ship keeps no summary of its own when the source stays."""
+    out = tmp_path / "out"
+    writes = sidecar_writes_of_one_item(out, "", write_config, spool, daemon, writes_reported)
+    assert (out / "x.bin").read_bytes() == b"payload" * 100
     assert writes == [
         ["queued", ["pending", "pending"], []],  # claimed
         ["running", ["running", "pending"], []],  # checksum started
@@ -326,25 +335,10 @@ def test_a_small_item_through_checksum_and_ship_costs_five_sidecar_writes(
 
 
 def test_ship_that_deletes_its_source_records_the_delivery_before_the_source_goes(
-    tmp_path: Path, write_config: Callable[[str], Path], spool: Path, daemon: Callable[..., DaemonProcess],
+    tmp_path: Path, write_config: Callable[[str], Path], spool: Path, daemon: Daemon,
     writes_reported: tuple[dict[str, str], Path],
 ) -> None:  # fmt: skip
-    env, report = writes_reported
-    out = tmp_path / "out"
-    config = write_config(f"""\
-        spool: {{spool}}
-        queues:
-          q:
-            settle: 0s
-            chain:
-              - checksum: {{}}
-              - ship: {{to: 'file://{out}/', delete_source: true}}
-        """)
-    process = daemon(config, env=env)
-    (spool / "q" / "inbox" / "x.bin").write_bytes(b"payload" * 100)
-    wait_for(sidecar_state(spool, "q", "x.bin", "done"), 20, "x.bin done")
-    process.stop()
-    writes = [json.loads(line) for line in report.read_text().splitlines()]
-    writes = [w for n, w in enumerate(writes) if not n or w != writes[n - 1]]
+    writes = sidecar_writes_of_one_item(tmp_path / "out", ", delete_source: true", write_config, spool, daemon,
+                                        writes_reported)  # fmt: skip
     assert ["running", ["done", "running"], ["finished", "summary", "transfer"]] in writes
     assert writes[-2:] == [["running", ["done", "done"], []], ["done", ["done", "done"], []]]
