@@ -438,3 +438,32 @@ def test_kill_right_after_the_last_member_arrives_repeatedly(tmp_path: Path, wri
         process = daemon(config)
     for session in sessions:
         assert_gathered_once(spool, tmp_path, session)
+
+
+def test_a_group_item_whose_end_a_kill_cut_short_ends_its_members_after_the_restart(
+    tmp_path: Path, write_config: WriteConfig, spool: Path, daemon: Start,
+) -> None:  # fmt: skip
+    """A kill after the group item moved to done/ but before its sidecar said so: the sweep after the restart
+    finishes it, and its members, which had been found waiting for it, must end with it."""
+    config = files_config(write_config)
+    process = daemon(config)
+    inbox = spool / "sessions" / "inbox"
+    for camera, member in members("S1").items():
+        drop(inbox, member, recording("S1", camera))
+    assert_gathered_once(spool, tmp_path, "S1")
+    process.kill()
+    # The state such a kill leaves: the group item in done/, its steps done, the item itself not yet done;
+    # the members still in work/, waiting for it.
+    status = spool / "sessions" / "status"
+    group = json.loads((status / "S1.json").read_text())
+    group.update(state="running", step="ship")
+    (status / "S1.json").write_text(json.dumps(group))
+    for member in members("S1").values():
+        doc = json.loads((status / f"{member}.json").read_text())
+        doc["state"] = doc["steps"][0]["state"] = "waiting"
+        doc["step"] = "gather"
+        (status / f"{member}.json").write_text(json.dumps(doc))
+        os.rename(spool / "sessions" / "done" / member, spool / "sessions" / "work" / member)
+    process = daemon(config)
+    assert_gathered_once(spool, tmp_path, "S1")
+    assert all(not (spool / "sessions" / "work" / m).exists() for m in members("S1").values())

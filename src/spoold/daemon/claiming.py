@@ -81,6 +81,8 @@ def commit(folders: QueueFolders, claimed: list[Arrival]) -> None:
     """Make the sidecars of claims just made durable, one fsync of the status folder for all, then remove
     their ready markers (a sidecar lost to a crash before this is made again from the work folder and
     the marker, by `adopt_orphan`)."""
+    if not claimed:
+        return
     try:
         fsync_dir(folders.status)
     except OSError as exc:  # the claims stand in work/ all the same; their markers stay for `adopt_orphan`

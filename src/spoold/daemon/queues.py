@@ -148,6 +148,9 @@ class QueueBook:
             return
         found = self.sweep.step(lambda item: item in self.running or self.states.is_known(item))
         self.track_found(found or [], is_counted=True)
+        # A group item whose end a kill cut short, finished by the sweep: its members, found waiting, end too.
+        for member in [m for f in found or [] for m in self.gathering.group_ended(f.sidecar)]:
+            self.track(member)
         if found is None:
             self.sweep = None
             self.states.sweep_ended(self.name)
@@ -182,10 +185,9 @@ class QueueBook:
                 log.error("%s/%s: cannot claim: %s", self.name, arrival.entry, exc)
             except Exception:
                 log.exception("%s/%s: internal error while claiming; a rescan tries again", self.name, arrival.entry)
-        if claimed:
-            claiming.commit(self.folders, [arrival for arrival, _ in claimed])
-            for _, sidecar in claimed:
-                self.track(sidecar)
+        claiming.commit(self.folders, [arrival for arrival, _ in claimed])
+        for _, sidecar in claimed:
+            self.track(sidecar)
 
     def _on_arrival(self, arrival: Arrival) -> Sidecar | None:
         """A folder to start early, the marker of one arriving, or a complete entry (claimed: its sidecar)."""
@@ -282,15 +284,13 @@ class QueueBook:
 
     def _sidecar(self, name: str) -> Sidecar | None:
         """The item's sidecar, read from disk now if it was not kept in memory."""
-        sidecar = self.sidecars.get(name)
-        if sidecar is None and name in self.sidecars:
+        if (sidecar := self.sidecars.get(name)) is None and name in self.sidecars:
             sidecar = self.sidecars[name] = Sidecar.load(self.folders.sidecar_path(name))
         return sidecar
 
     def item_stop(self, item: str) -> threading.Event:
         """What stops one running item: set for all by `stop`, for one by `revoke`."""
-        event = self._item_stops.get(item)
-        if event is None:
+        if (event := self._item_stops.get(item)) is None:
             event = self._item_stops[item] = threading.Event()
             if self.stop_event.is_set():
                 event.set()
