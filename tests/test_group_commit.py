@@ -193,19 +193,27 @@ def test_a_write_renamed_during_a_folder_fsync_waits_for_the_next_one(
     assert calls.renamed[str(second)] < first_ended < second_began
 
 
-def test_writers_who_came_in_during_one_folder_fsync_share_the_next(
-    tmp_path: Path, calls: Calls, condition: CountingCondition
-) -> None:
-    release = hold_first_folder_sync(calls)
+def leader_and_followers(tmp_path: Path, calls: Calls, condition: CountingCondition, release: threading.Event,
+                         count: int) -> tuple[Path, list[Path], dict[Path, Any]]:  # fmt: skip
+    """A leader's write whose folder fsync is held, `count` writes that come in meanwhile, then the release:
+    the paths, and what each write returned or raised."""
     results: dict[Path, Any] = {}
     leader = tmp_path / "leader.json"
     threads = [start_write(calls, leader, b"x", results)]
     calls.wait(lambda: calls.folder_sync_began == 1, "the leader's folder fsync")
-    followers = [tmp_path / f"f{n}.json" for n in range(5)]
+    followers = [tmp_path / f"f{n}.json" for n in range(count)]
     threads += [start_write(calls, path, b"y", results) for path in followers]
     condition.until_waiting(len(followers))
     release.set()
     join(threads)
+    return leader, followers, results
+
+
+def test_writers_who_came_in_during_one_folder_fsync_share_the_next(
+    tmp_path: Path, calls: Calls, condition: CountingCondition
+) -> None:
+    release = hold_first_folder_sync(calls)
+    leader, followers, results = leader_and_followers(tmp_path, calls, condition, release, 5)
     assert len(calls.folder_syncs) == 2, "the five who waited did not share one folder fsync"
     for path in [leader, *followers]:
         calls.check_covered(path, results[path])
@@ -223,15 +231,7 @@ def test_a_failed_folder_fsync_fails_every_write_it_was_to_cover(
             raise OSError(errno.EIO, "Input/output error")
 
     calls.on_folder_sync = on_folder_sync
-    results: dict[Path, Any] = {}
-    leader = tmp_path / "leader.json"
-    threads = [start_write(calls, leader, b"x", results)]
-    calls.wait(lambda: calls.folder_sync_began == 1, "the leader's folder fsync")
-    followers = [tmp_path / f"f{n}.json" for n in range(3)]
-    threads += [start_write(calls, path, b"y", results) for path in followers]
-    condition.until_waiting(len(followers))
-    release.set()
-    join(threads)
+    leader, followers, results = leader_and_followers(tmp_path, calls, condition, release, 3)
     assert isinstance(results[leader], int), f"the leader's fsync succeeded, yet: {results[leader]!r}"
     for path in followers:
         assert isinstance(results[path], OSError) and results[path].errno == errno.EIO, (path, results[path])

@@ -149,7 +149,7 @@ class QueueBook:
         found = self.sweep.step(lambda item: item in self.running or self.states.is_known(item))
         self.track_found(found or [], is_counted=True)
         # A group item whose end a kill cut short, finished by the sweep: its members, found waiting, end too.
-        for member in [m for f in found or [] for m in self.gathering.group_ended(f.sidecar)]:
+        for member in [m for f in found or [] if f.is_cut_short for m in self.gathering.group_ended(f.sidecar)]:
             self.track(member)
         if found is None:
             self.sweep = None
@@ -174,20 +174,19 @@ class QueueBook:
     def take_arrivals(self, now: float) -> None:
         if self.queue.shared is not None:
             return
-        claimed: list[tuple[Arrival, Sidecar]] = []
+        claimed: list[Arrival] = []
         # Claimed items wait in work/ for a worker: beyond MAX_WAITING, a burst waits in the inbox instead.
         for arrival in self.intake.due(now, min(CLAIMS_PER_TICK, MAX_WAITING - len(self.pending))):
             try:
                 if (sidecar := self._on_arrival(arrival)) is not None:
-                    claimed.append((arrival, sidecar))
+                    claimed.append(arrival)
+                    self.track(sidecar)  # dispatched after this tick's commit, below
             except OSError as exc:
                 # Whatever was claimed stays where it is (inbox, or work/ without a sidecar): a rescan retries.
                 log.error("%s/%s: cannot claim: %s", self.name, arrival.entry, exc)
             except Exception:
                 log.exception("%s/%s: internal error while claiming; a rescan tries again", self.name, arrival.entry)
-        claiming.commit(self.folders, [arrival for arrival, _ in claimed])
-        for _, sidecar in claimed:
-            self.track(sidecar)
+        claiming.commit(self.folders, claimed)
 
     def _on_arrival(self, arrival: Arrival) -> Sidecar | None:
         """A folder to start early, the marker of one arriving, or a complete entry (claimed: its sidecar)."""

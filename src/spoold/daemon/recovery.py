@@ -39,6 +39,8 @@ class Found:
 
     sidecar: Sidecar
     arriving: ArrivingItem | None = None
+    # Its end was cut short by a crash and finished here (`_finish_interrupted_move`), not by its worker.
+    is_cut_short: bool = False
 
 
 def recover(config: Config, queue: Queue, folders: QueueFolders, stop_event: threading.Event,
@@ -126,6 +128,7 @@ class StatusSweep:
         if sidecar.state in ACTIVE_STATES and not (self.folders.work / sidecar.name).is_dir():
             if sidecar.doc.get("step") != GATHER_STEP:  # a member of a `gather:` group ends with its group
                 _finish_interrupted_move(self.queue, self.folders, sidecar)
+                return [Found(sidecar, is_cut_short=True)]
         elif sidecar.state in ACTIVE_STATES:
             return []  # in work/: recovery found it (or a pick-up will)
         return [Found(sidecar)]
