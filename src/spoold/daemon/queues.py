@@ -31,7 +31,7 @@ from spoold.fsio import now_iso
 
 log = logging.getLogger("spoold")
 # Waiting items whose documents stay in memory (the rest are read at dispatch), and waiting items at most.
-KEEP_LOADED, MAX_WAITING = 1024, 1024
+KEEP_LOADED, MAX_WAITING = 256, 256
 StartWorker = Callable[["QueueBook", Sidecar, ArrivingItem | None], Job]
 # (queue, outcome: done, failed or rejected, wall-clock time): the loop's metrics count items ending.
 OnEnded = Callable[[str, str, float], None]
