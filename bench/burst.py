@@ -2,6 +2,9 @@
 
     python -m bench.burst          # SPOOLD_BENCH_BURST_ITEMS (5000) files of 1 KiB, checksum -> ship file://
 
+SPOOLD_BENCH_BURST_CONCURRENCY (4) sets the queue's `concurrency`, SPOOLD_BENCH_DIR the folder it all runs in (a
+tmpfs there shows the daemon's own ceiling, with no disk cost).
+
 The files are written first, then renamed into the inbox as fast as the producer can (`settle: 0s`,
 `concurrency: 4`). Peak memory is the daemon's VmHWM; "idle" is its VmRSS 10 s after the last item, once it
 has handed freed memory back (daemon/memory.py). The durable-write rates beside it are write, fsync, rename,
@@ -96,11 +99,12 @@ def durable_replaces_per_second(folder: Path, count: int = 500, files: int = 100
 
 def main() -> None:
     items = int(os.environ.get("SPOOLD_BENCH_BURST_ITEMS", "5000"))
+    concurrency = int(os.environ.get("SPOOLD_BENCH_BURST_CONCURRENCY", "4"))
     with tempfile.TemporaryDirectory(prefix="spoold-bench-burst-", dir=os.environ.get("SPOOLD_BENCH_DIR")) as tmp:
         root = Path(tmp)
         spool, out, source = root / "spool", root / "out", root / "source"
         config = root / "spoold.yaml"
-        config.write_text(f"spool: {spool}\nqueues:\n  q:\n    concurrency: 4\n    settle: 0s\n    chain:\n"
+        config.write_text(f"spool: {spool}\nqueues:\n  q:\n    concurrency: {concurrency}\n    settle: 0s\n    chain:\n"
                           f"      - checksum: {{algorithms: [sha256]}}\n      - ship: {{to: 'file://{out}/'}}\n")
         source.mkdir()
         for n in range(items):
@@ -141,7 +145,7 @@ def main() -> None:
             log.close()
         fsyncs = int(counted.read_text()) if counted.exists() else None
     mib = 1 << 20
-    print(f"{items} items of 1 KiB, checksum -> ship file://, concurrency 4")
+    print(f"{items} items of 1 KiB, checksum -> ship file://, concurrency {concurrency}")
     print(f"  items/s                  {items / elapsed:8.0f}   (durable writes/s on this disk: {disk_rate:.0f} new, "
           f"{replace_rate:.0f} over a file; target >= 1,000 items/s)")
     print(f"  inbox drained after      {drained[0] if drained else elapsed:8.1f} s of {elapsed:.1f} s   "
