@@ -5,8 +5,8 @@
 SPOOLD_BENCH_BURST_CONCURRENCY (4) sets the queue's `concurrency`, SPOOLD_BENCH_DIR the folder it all runs in (a
 tmpfs there shows the daemon's own ceiling, with no disk cost).
 
-The files are written first, then renamed into the inbox as fast as the producer can (`settle: 0s`,
-`concurrency: 4`). Peak memory is the daemon's VmHWM; "idle" is its VmRSS 10 s after the last item, once it
+The files are written first, then renamed into the inbox as fast as the producer can (`settle: 0s`).
+Peak memory is the daemon's VmHWM; "idle" is its VmRSS 10 s after the last item, once it
 has handed freed memory back (daemon/memory.py). The durable-write rates beside it are write, fsync, rename,
 fsync of the folder of a 1 KiB file in the same folder, timed in the same run: to a new name, and over an
 existing file (what a sidecar rewrite costs; it frees an inode, see `durable_replaces_per_second`).
@@ -149,7 +149,7 @@ def main() -> None:
     print(f"  items/s                  {items / elapsed:8.0f}   (durable writes/s on this disk: {disk_rate:.0f} new, "
           f"{replace_rate:.0f} over a file; target >= 1,000 items/s)")
     print(f"  inbox drained after      {drained[0] if drained else elapsed:8.1f} s of {elapsed:.1f} s   "
-          "(the main loop's claims: every entry moved to work/)")
+          "(every entry moved to work/; claims pause while a full queue waits for workers, so this follows them)")
     print(f"  daemon CPU per item      {(user + system) / items * 1000:8.2f} ms   (user {user / items * 1000:.2f} + "
           f"system {system / items * 1000:.2f})")
     if fsyncs is not None:
