@@ -29,8 +29,10 @@ from spoold.fsio import describe_type
 READY_SUFFIX = ".ready"
 CLAIMS_PER_TICK = 256
 # Inbox entries tracked at once. Beyond this a burst waits in the inbox untracked (100,000 candidates held
-# ~28 MB) and is read from a listing once those tracked are claimed.
-MAX_CANDIDATES = 4096
+# ~28 MB) and is read from a listing once those tracked are claimed. Whatever a burst holds at once stays
+# resident after it (the allocator keeps an arena while any object in it lives): 4,096 left the daemon
+# 2 MiB larger once idle than 1,024, at the same items/s.
+MAX_CANDIDATES = 1024
 Signature = tuple[int, int, int]
 
 
