@@ -31,7 +31,7 @@ from spoold.fsio import now_iso
 
 log = logging.getLogger("spoold")
 # Waiting items whose documents stay in memory (the rest are read at dispatch), and waiting items at most:
-# 256 of each held a 100,000-item burst 7 MiB higher at its peak, 4 MiB once idle, for no more items/s.
+# 256 of each held a 20,000-item burst 4 MiB higher at its peak and once idle, for no more items/s.
 KEEP_LOADED, MAX_WAITING = 64, 64
 StartWorker = Callable[["QueueBook", Sidecar, ArrivingItem | None], Job]
 # (queue, outcome: done, failed or rejected, wall-clock time): the loop's metrics count items ending.
