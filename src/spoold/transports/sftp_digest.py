@@ -150,11 +150,13 @@ class FarDigests:
                 return None
             self._armed += 1
         # Without `go` (the upload failed, the channel closed) the far side exits without an answer.
-        command = f'IFS= read -r go && [ "$go" = go ] && exec {TOOLS[tools[0]][1]} {shlex.quote(path)}'
-        if TOOLS[tools[0]][0] == "sha256" and "python3" in tools and size >= FOLLOW_BYTES:
+        tool = tools[0]
+        command = f'IFS= read -r go && [ "$go" = go ] && exec {TOOLS[tool][1]} {shlex.quote(path)}'
+        if TOOLS[tool][0] == "sha256" and "python3" in tools and size >= FOLLOW_BYTES:
+            tool = "python3"  # whose answer is read as python3's: one digest a line
             command = f"exec python3 -c {shlex.quote(_PYTHON_FOLLOW)} {shlex.quote(path)} {int(size)}"
         try:
-            return Armed(self.ssh, tools[0], path, command, self.timeout, self._disarmed)
+            return Armed(self.ssh, tool, path, command, self.timeout, self._disarmed)
         except (paramiko.SSHException, OSError, EOFError):
             self._disarmed()
             return None  # asked the usual way after the upload
@@ -210,10 +212,10 @@ class FarDigests:
         """
         actual: dict[str, str] = {}
         if armed is not None and list(expected) == [armed.path] and TOOLS[armed.tool][0] == algorithm:
-            output = armed.fire() or ""
-            answer = re.fullmatch(rf"([0-9a-f]{{{_HEX[algorithm]}}})(?:\s.*)?", output.strip(), re.DOTALL)
-            if answer and answer.group(1) == expected[armed.path]:
-                actual = {armed.path: answer.group(1)}
+            # Read as the tool prints it: openssl's `SHA2-256(path)= digest` too, which was asked again before.
+            answer = _parse(armed.tool, armed.fire() or "", [armed.path], _HEX[algorithm])
+            if answer.get(armed.path) == expected[armed.path]:
+                actual = answer
             # else hashed again the usual way: the far side read too early (a server writing out of order)
         actual = actual or self.of_files(client, list(expected), algorithm)
         bad = [path for path, digest in expected.items() if actual.get(path) != digest]
