@@ -103,7 +103,7 @@ def run_sftp(root: Path, rates: list[int], seconds: float) -> list[tuple[float, 
                                                                   samples, stop))  # fmt: skip
                 poller.start()
                 try:
-                    transport.put_file(source, str(far), None, ctx)
+                    transport.put_file(source, str(far), {}, ctx)
                 finally:
                     stop.set()
                     poller.join()
@@ -169,7 +169,7 @@ def _pieces(transport: Transport, folder: Path, size: int) -> str:
 
 
 def _put(transport: Transport, source: Path, target: str, ctx: TransferContext) -> None:
-    transport.put_file(source, target, None, ctx)
+    transport.put_file(source, target, {}, ctx)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -81,7 +81,7 @@ def child(method: str, endpoint: str, source: str, checkpoint_file: str = "", sh
     transport = S3Transport(parse_url(f"s3://{BUCKET}/"), settings)
     ctx = TransferContext(progress=lambda _d, _t: None, checkpoint=checkpoint, save_checkpoint=save,
                           check_stop=lambda: None)  # fmt: skip
-    transport.put_file(Path(source), "/spoold.bin", sha256 or None, ctx)
+    transport.put_file(Path(source), "/spoold.bin", {"sha256": sha256} if sha256 else {}, ctx)
     _report_peak_rss()
 
 
@@ -200,7 +200,7 @@ def resume_figure(endpoint: str, source: Path, folder: Path, env: dict[str, str]
                                           lambda params, **_: sent.append(int(params["PartNumber"])))  # fmt: skip
     ctx = TransferContext(progress=lambda _d, _t: None, checkpoint=checkpoint, save_checkpoint=lambda: None,
                           check_stop=lambda: None)  # fmt: skip
-    transport.put_file(source, "/spoold.bin", None, ctx)
+    transport.put_file(source, "/spoold.bin", {}, ctx)
     transport.close()
     return count, len(on_server), len(on_server & set(sent))
 

@@ -5,7 +5,9 @@
 Every round sends the same file to the same sshd, interleaved in one process:
 spoold `put_file` including the far side's digest (no checksum known, so
 hashed while sending), spoold with the sha256 a checksum step would have
-given, OpenSSH `sftp` with its default cipher, and `sftp -c
+given, spoold with the sha256 and xxh3_128 of `checksum: {algorithms: [sha256,
+xxh3_128]}` (with `xxh128sum` on the far host, which `make bench` installs,
+nothing is hashed here), OpenSSH `sftp` with its default cipher, and `sftp -c
 aes128-gcm@openssh.com`. Medians of wall time, MiB/s and client CPU seconds
 are printed, with the spoold/sftp ratios of the medians and the benchmark
 process's peak RSS.
@@ -23,6 +25,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import xxhash
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -68,13 +72,13 @@ def run_openssh(server: Sshd, source: Path, target: Path, cipher: str | None = N
     return time.perf_counter() - start, cpu_children() - cpu
 
 
-def run_spoold(server: Sshd, source: Path, target: Path, sha256: str | None = None) -> tuple[float, float]:
+def run_spoold(server: Sshd, source: Path, target: Path, known: dict[str, str]) -> tuple[float, float]:
     settings = {"identity": str(server.identity), "known_hosts": str(server.known_hosts), "connect_timeout": 10}
     context = TransferContext(lambda _d, _t: None, {}, lambda: None, lambda: None)
     cpu, start = cpu_self(), time.perf_counter()
     transport = SftpTransport(parse_url(server.url(str(target))), settings)
     try:
-        delivered = transport.put_file(source, str(target), sha256, context)
+        delivered = transport.put_file(source, str(target), known, context)
     finally:
         transport.close()
     elapsed = time.perf_counter() - start
@@ -95,13 +99,17 @@ def main() -> None:
         make_file(source, size_mib * MiB)
         with open(source, "rb") as stream:
             sha256 = hashlib.file_digest(stream, "sha256").hexdigest()
+        with open(source, "rb") as stream:
+            xxh3_128 = hashlib.file_digest(stream, xxhash.xxh3_128).hexdigest()
         server = start_sshd(root / "sshd")
         dest = root / "dest"
         dest.mkdir()
         runs: dict[str, Callable[[Path], tuple[float, float]]] = {
-            "spoold put_file + verify": lambda t: run_spoold(server, source, t),
+            "spoold put_file + verify": lambda t: run_spoold(server, source, t, {}),
             "OpenSSH sftp put (default)": lambda t: run_openssh(server, source, t),
-            "spoold, sha256 given": lambda t: run_spoold(server, source, t, sha256),
+            "spoold, sha256 given": lambda t: run_spoold(server, source, t, {"sha256": sha256}),
+            "spoold, sha256 + xxh3_128 given": lambda t: run_spoold(server, source, t,
+                                                                   {"sha256": sha256, "xxh3_128": xxh3_128}),
             f"OpenSSH sftp -c {GCM}": lambda t: run_openssh(server, source, t, GCM),
         }
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
@@ -121,7 +129,7 @@ def main() -> None:
     print(f"file: {size_mib} MiB over loopback sshd, median of {rounds} interleaved rounds")
     for name in runs:
         print(f"{name:32s}: {wall[name]:6.2f} s  {size_mib / wall[name]:7.1f} MiB/s  client CPU {cpu[name]:5.2f} s")
-    for ours in ("spoold put_file + verify", "spoold, sha256 given"):
+    for ours in ("spoold put_file + verify", "spoold, sha256 given", "spoold, sha256 + xxh3_128 given"):
         for ref in ("OpenSSH sftp put (default)", f"OpenSSH sftp -c {GCM}"):
             print(f"ratio {ours} / {ref}: time {wall[ours] / wall[ref]:.2f}x (target <= 1.0x), "
                   f"CPU {cpu[ours] / max(cpu[ref], 1e-9):.2f}x")  # fmt: skip

@@ -144,7 +144,7 @@ def test_sftp_upload_and_download_keep_to_the_cap(sshd: Sshd, tmp_path: Path, pa
         transport.stat(str(tmp_path))  # connected before the clock starts: the handshake is not the transfer
         samples = TransferSamples()
         started = time.monotonic()
-        transport.put_file(payload, str(remote), None, capped(samples))
+        transport.put_file(payload, str(remote), {}, capped(samples))
         assert_paced(time.monotonic() - started, samples)
         assert remote.read_bytes() == payload.read_bytes()
         samples = TransferSamples()
@@ -176,7 +176,7 @@ def test_s3_multipart_upload_and_ranged_download_keep_to_the_cap(moto: S3Server,
     try:
         samples = TransferSamples()
         started = time.monotonic()
-        transport.put_file(payload, "payload.bin", None, capped(samples))
+        transport.put_file(payload, "payload.bin", {}, capped(samples))
         assert_paced(time.monotonic() - started, samples)
         samples = TransferSamples()
         (tmp_path / "back").mkdir()
@@ -194,7 +194,7 @@ def test_a_file_copy_keeps_to_the_cap(tmp_path: Path, payload: Path) -> None:
     transport = LocalTransport(parse_url(f"file://{tmp_path}/"), {})
     samples = TransferSamples()
     started = time.monotonic()
-    transport.put_file(payload, str(tmp_path / "copy.bin"), None, capped(samples))
+    transport.put_file(payload, str(tmp_path / "copy.bin"), {}, capped(samples))
     assert_paced(time.monotonic() - started, samples)
     assert (tmp_path / "copy.bin").read_bytes() == payload.read_bytes()
 
@@ -322,11 +322,11 @@ def test_a_stopped_file_copy_resumes_from_its_offset(tmp_path: Path, payload: Pa
     checkpoint: dict[str, Any] = {}
     ctx, _ = _stopping_after(5 * MiB, checkpoint)
     with pytest.raises(Interrupted):
-        transport.put_file(payload, str(tmp_path / "copy.bin"), None, ctx)
+        transport.put_file(payload, str(tmp_path / "copy.bin"), {}, ctx)
     offset = checkpoint["offset"]
     assert 5 * MiB <= offset < SIZE and not (tmp_path / "copy.bin").exists()
     ctx, heard = _stopping_after(SIZE + 1, checkpoint)
-    transport.put_file(payload, str(tmp_path / "copy.bin"), None, ctx)
+    transport.put_file(payload, str(tmp_path / "copy.bin"), {}, ctx)
     assert heard[0] > offset, "the copy went on from the offset"
     assert (tmp_path / "copy.bin").read_bytes() == payload.read_bytes()
 
@@ -343,11 +343,11 @@ def test_a_stop_ends_a_capped_s3_part_at_once_and_the_upload_resumes(moto: S3Ser
         ctx, _ = _stopping_after(2 * MiB, checkpoint)  # mid-part: each part is 10 MiB
         started = time.monotonic()
         with pytest.raises(Interrupted):
-            transport.put_file(payload, "payload.bin", None, ctx)
+            transport.put_file(payload, "payload.bin", {}, ctx)
         assert time.monotonic() - started < 1.5, "the stop came at 0.5 s; the parts in flight ended with it"
         assert checkpoint["upload_id"] and checkpoint["parts"] == {}
         ctx, _ = _stopping_after(SIZE + 1, checkpoint)
-        transport.put_file(payload, "payload.bin", None, ctx)
+        transport.put_file(payload, "payload.bin", {}, ctx)
         reply = moto.client().get_object(Bucket="stopped", Key="payload.bin")
         assert reply["Body"].read() == payload.read_bytes()
     finally:

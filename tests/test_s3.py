@@ -201,11 +201,11 @@ def test_interrupted_upload_resumes_with_missing_parts_only(tmp_path: Path, s3: 
     checkpoint: dict[str, Any] = {}
     transport = _transport(s3, bucket)
     with pytest.raises(Interrupted):
-        transport.put_file(source, "/data.bin", None, _context(checkpoint, stop_after_parts=3))
+        transport.put_file(source, "/data.bin", {}, _context(checkpoint, stop_after_parts=3))
     done_before = {int(n) for n in checkpoint["parts"]}
     assert 3 <= len(done_before) < 7
     sent = _count_part_uploads(transport)
-    delivered = transport.put_file(source, "/data.bin", None, _context(checkpoint))
+    delivered = transport.put_file(source, "/data.bin", {}, _context(checkpoint))
     assert delivered.is_verified
     assert sorted(int(n) for n in sent) == sorted(set(range(1, 8)) - done_before)
     assert fetch_object(s3, bucket, "data.bin")[0] == data
@@ -222,14 +222,14 @@ def test_a_part_whose_reply_was_lost_is_not_sent_again(tmp_path: Path, s3: S3Ser
     checkpoint: dict[str, Any] = {}
     transport = _transport(s3, bucket)
     with pytest.raises(Interrupted):
-        transport.put_file(source, "/data.bin", None, _context(checkpoint, stop_after_parts=2))
+        transport.put_file(source, "/data.bin", {}, _context(checkpoint, stop_after_parts=2))
     lost = sorted(checkpoint["parts"], key=int)[0]
     del checkpoint["parts"][lost]  # the reply that the kill lost
     on_server = {int(p["PartNumber"]) for p in s3.client().list_parts(
         Bucket=bucket, Key="data.bin", UploadId=checkpoint["upload_id"])["Parts"]}  # fmt: skip
     assert int(lost) in on_server
     sent = _count_part_uploads(transport)
-    assert transport.put_file(source, "/data.bin", None, _context(checkpoint)).is_verified
+    assert transport.put_file(source, "/data.bin", {}, _context(checkpoint)).is_verified
     assert int(lost) not in sent, f"part {lost} was on the server and was sent again"
     assert sorted(sent) == sorted(set(range(1, 6)) - on_server)
     assert fetch_object(s3, bucket, "data.bin")[0] == data
@@ -248,18 +248,18 @@ def test_an_upload_completed_before_a_kill_is_verified_against_the_file(
     for kept in (["2"], []):
         checkpoint: dict[str, Any] = {}
         transport = _transport(s3, bucket)
-        assert transport.put_file(source, "/data.bin", None, _context(checkpoint)).is_verified
+        assert transport.put_file(source, "/data.bin", {}, _context(checkpoint)).is_verified
         saved: dict[str, Any] = {}
         probe = _context(saved, stop_after_parts=4)  # every part sent, stopped just before the completion
         with pytest.raises(Interrupted):
-            transport.put_file(source, "/again.bin", None, probe)
+            transport.put_file(source, "/again.bin", {}, probe)
         upload_id = saved["upload_id"]
         parts = saved["parts"]
         s3.client().complete_multipart_upload(Bucket=bucket, Key="again.bin", UploadId=upload_id, MultipartUpload={
             "Parts": [{"PartNumber": int(n), "ETag": parts[n]["etag"], "ChecksumSHA256": parts[n]["sha256"]}
                       for n in sorted(parts, key=int)]})  # fmt: skip
         saved["parts"] = {n: parts[n] for n in kept}
-        assert transport.put_file(source, "/again.bin", None, _context(saved)).is_verified
+        assert transport.put_file(source, "/again.bin", {}, _context(saved)).is_verified
         assert fetch_object(s3, bucket, "again.bin")[0] == data
         transport.close()
 
@@ -271,11 +271,11 @@ def test_upload_id_unknown_to_the_server_starts_afresh(tmp_path: Path, s3: S3Ser
     checkpoint: dict[str, Any] = {}
     transport = _transport(s3, bucket)
     with pytest.raises(Interrupted):
-        transport.put_file(source, "/data.bin", None, _context(checkpoint, stop_after_parts=1))
+        transport.put_file(source, "/data.bin", {}, _context(checkpoint, stop_after_parts=1))
     old_upload = checkpoint["upload_id"]
     s3.client().abort_multipart_upload(Bucket=bucket, Key="data.bin", UploadId=old_upload)
     sent = _count_part_uploads(transport)
-    transport.put_file(source, "/data.bin", None, _context(checkpoint))
+    transport.put_file(source, "/data.bin", {}, _context(checkpoint))
     assert sorted(int(n) for n in sent) == [1, 2, 3], "every part is sent again for the fresh upload"
     assert fetch_object(s3, bucket, "data.bin")[0] == data
     transport.close()

@@ -165,7 +165,7 @@ def test_in_process_peak_allocation_stays_below_one_part(tmp_path: Path, endpoin
     try:
         tracemalloc.start()
         try:
-            transport.put_file(source, "/in-process.bin", sha256, context({}))
+            transport.put_file(source, "/in-process.bin", {"sha256": sha256}, context({}))
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -190,7 +190,7 @@ def test_a_stopped_upload_resumes_with_only_the_missing_parts(tmp_path: Path, en
 
     first = S3Transport(parse_url(f"s3://{bucket}/"), settings)
     with pytest.raises(Interrupted):
-        first.put_file(source, "/resumed.bin", sha256, context(checkpoint, stop_after_three))
+        first.put_file(source, "/resumed.bin", {"sha256": sha256}, context(checkpoint, stop_after_three))
     first.close()
     listed = client(endpoint).list_parts(Bucket=bucket, Key="resumed.bin", UploadId=checkpoint["upload_id"])
     on_server = {int(p["PartNumber"]) for p in listed.get("Parts", [])}
@@ -200,7 +200,7 @@ def test_a_stopped_upload_resumes_with_only_the_missing_parts(tmp_path: Path, en
     second.client.meta.events.register("provide-client-params.s3.UploadPart",
                                        lambda params, **_: sent.append(int(params["PartNumber"])))  # fmt: skip
     try:
-        delivered = second.put_file(source, "/resumed.bin", sha256, context(checkpoint))
+        delivered = second.put_file(source, "/resumed.bin", {"sha256": sha256}, context(checkpoint))
     finally:
         second.close()
     assert delivered.is_verified
@@ -228,7 +228,7 @@ def test_a_part_cut_half_way_is_rewound_and_sent_whole(tmp_path: Path, endpoint:
 
     transport.client.meta.events.register("before-send.s3.UploadPart", cut_part_two)
     try:
-        transport.put_file(source, "/retried.bin", sha256, context({}))
+        transport.put_file(source, "/retried.bin", {"sha256": sha256}, context({}))
     finally:
         transport.close()
     assert cut == [2 * MIB], "the cut did not happen"
@@ -302,7 +302,7 @@ def test_parts_are_signed_with_the_known_payload_and_read_once_for_the_send(
 
     transport.client.meta.events.register("before-sign.s3.UploadPart", record)
     try:
-        transport.put_file(source, "/signed.bin", sha256, context({}))
+        transport.put_file(source, "/signed.bin", {"sha256": sha256}, context({}))
     finally:
         transport.close()
     assert signers == ["spoold-s3v4-known-payload"] * 3
@@ -328,7 +328,7 @@ def test_a_file_that_shrinks_after_the_hashing_fails_permanently_and_aborts(
     checkpoint: dict[str, Any] = {}
     try:
         with pytest.raises(PermanentError, match="shrank"):
-            transport.put_file(source, "/shrunk.bin", sha256, context(checkpoint))
+            transport.put_file(source, "/shrunk.bin", {"sha256": sha256}, context(checkpoint))
     finally:
         transport.close()
     assert not client(endpoint).list_multipart_uploads(Bucket=bucket).get("Uploads"), "the upload was left open"

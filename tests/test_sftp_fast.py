@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 
 from spoold.errors import ChecksumMismatch, PermanentError
-from spoold.transports import sftp_digest
+from spoold.transports import sftp_digest, sftp_upload
 from spoold.transports.base import TransferContext, parse_url
 from spoold.transports.sftp import SftpTransport, temp_name
 from tests.conftest import need_or_skip
@@ -105,11 +106,13 @@ def context(checkpoint: dict[str, Any] | None = None) -> TransferContext:
     return TransferContext(lambda _d, _t: None, {} if checkpoint is None else checkpoint, lambda: None, lambda: None)
 
 
-def ship(server: Sshd, source: Path, target: Path, sha256: str | None = None) -> SftpTransport:
+def ship(server: Sshd, source: Path, target: Path, sha256: str | None = None,
+         known: dict[str, str] | None = None) -> SftpTransport:  # fmt: skip
     """put_file `source` to `target`; the (closed) transport, to look at what it learnt of the far side."""
     ours = transport(server, target)
     try:
-        delivered = ours.put_file(source, str(target), sha256, context())
+        delivered = ours.put_file(source, str(target), {**({"sha256": sha256} if sha256 else {}), **(known or {})},
+                                  context())  # fmt: skip
         assert delivered.is_verified
     finally:
         ours.close()
@@ -191,6 +194,33 @@ def test_xxh128sum_is_preferred_and_computed_while_sending(far: dict[str, Any], 
         ship(server, source, tmp_path / "other.bin", "ab" * 32)  # the given sha256 is still checked, here
 
 
+def test_a_known_xxh3_128_is_compared_with_the_far_sides_and_nothing_is_hashed_here(
+        far: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """`checksum: {algorithms: [sha256, xxh3_128]}` and a far `xxh128sum`: the checksum step's xxh3_128 is what
+    the far side's digest must be, so the sending board hashes nothing while it sends."""
+    hashed_here: list[set[str]] = []
+    real_hasher = sftp_upload.SendHasher
+
+    def recording(algorithms: set[str]) -> sftp_upload.SendHasher:
+        hashed_here.append(set(algorithms))
+        return real_hasher(algorithms)
+
+    monkeypatch.setattr(sftp_upload, "SendHasher", recording)
+    server = far["start"]({"xxh128sum": XXH128SUM, "openssl": shutil.which("openssl") or "/usr/bin/openssl"})
+    source = payload(tmp_path / "data.bin")
+    data = source.read_bytes()
+    known = {"sha256": hashlib.sha256(data).hexdigest(), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
+    ship(server, source, tmp_path / "out.bin", known=known)
+    assert hashed_here and all(not algorithms for algorithms in hashed_here)
+    hashed_here.clear()
+    ship(server, source, tmp_path / "only-sha.bin", known={"sha256": known["sha256"]})
+    assert hashed_here[-1] == {"xxh3_128", "sha256"}, "the far tool's digest, and the known one to prove the source"
+    # A known xxh3_128 the copy does not match: the far side's digest was compared with it, not with one made here.
+    with pytest.raises(PermanentError, match="changed since its checksum was taken"):
+        ship(server, source, tmp_path / "wrong.bin", known={**known, "xxh3_128": "0" * 32})
+    assert not (tmp_path / "wrong.bin").exists() and not (tmp_path / temp_name("wrong.bin")).exists()
+
+
 @pytest.mark.parametrize(("tools", "size"), [(["openssl"], 3 * MiB), (["xxh128sum"], 3 * MiB),
                                              (["openssl", "python3"], 40 * MiB)])  # python3 hashes as it lands
 def test_the_far_digest_started_during_the_upload_is_the_one_used(tools: list[str], size: int,
@@ -219,9 +249,9 @@ def test_a_lying_digest_tool_still_fails_verification(liar: str, far: dict[str, 
     ours = transport(server, target)
     try:
         with pytest.raises(ChecksumMismatch):
-            ours.put_file(source, str(target), None, context())
+            ours.put_file(source, str(target), {}, context())
         with pytest.raises(ChecksumMismatch):  # and with the checksum step's sha256, hashed nowhere here
-            ours.put_file(source, str(target), hashlib.sha256(source.read_bytes()).hexdigest(), context())
+            ours.put_file(source, str(target), {"sha256": hashlib.sha256(source.read_bytes()).hexdigest()}, context())
     finally:
         ours.close()
     assert not target.exists()
@@ -236,7 +266,7 @@ def test_a_given_sha256_is_checked_on_the_far_side_only(far: dict[str, Any], tmp
     ours = transport(server, tmp_path / "other.bin")
     try:
         with pytest.raises(PermanentError, match="changed since its checksum was taken"):
-            ours.put_file(source, str(tmp_path / "other.bin"), "ab" * 32, context())
+            ours.put_file(source, str(tmp_path / "other.bin"), {"sha256": "ab" * 32}, context())
     finally:
         ours.close()
     assert not (tmp_path / "other.bin").exists()

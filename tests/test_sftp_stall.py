@@ -92,7 +92,7 @@ def test_a_silent_link_times_out_an_upload(sshd: Sshd, tmp_path: Path) -> None:
 
     def upload() -> None:
         try:
-            transport.put_file(source, f"{far}/big.bin", None, ctx)
+            transport.put_file(source, f"{far}/big.bin", {}, ctx)
         except BaseException as exc:
             raised.append(exc)
 

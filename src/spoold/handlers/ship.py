@@ -84,8 +84,8 @@ def transport_settings(options: Any) -> dict[str, Any]:
 class Target:
     source: Path
     remote: str
-    sha256: str | None
-    digests: dict[str, str]
+    known: dict[str, str]  # a file's digests by algorithm, from the checksum step
+    tree_digests: dict[str, dict[str, str]]  # a folder's: relpath -> digests by algorithm
 
 
 class Ship(Handler[ShipOptions]):
@@ -119,11 +119,11 @@ class Ship(Handler[ShipOptions]):
                 check_stop=ctx.check_stop,
                 limiter=limiter,
             )
-            sha = target.sha256 if self.options.verify else None
             if target.source.is_dir():
-                result = transport.put_tree(target.source, target.remote, target.digests, transfer)
+                result = transport.put_tree(target.source, target.remote, target.tree_digests, transfer)
             else:
-                result = transport.put_file(target.source, target.remote, sha, transfer)
+                known = target.known if self.options.verify else {}
+                result = transport.put_file(target.source, target.remote, known, transfer)
             delivered.append(result)
             finished[target.remote] = {"bytes": result.size, "verified": result.is_verified}
             ctx.checkpoint.data.get("transfer", {}).pop(target.remote, None)
@@ -175,15 +175,15 @@ class Ship(Handler[ShipOptions]):
             stage = self._stage(ctx, [*sorted(payload[0].iterdir()), *ctx.extras])
             digests = self._tree_digests(ctx, payload, strip=relative)
             for extra in ctx.extras:
-                if sha := ctx.digests.get(str(extra.relative_to(ctx.item_dir)), {}).get("sha256"):
-                    digests[extra.name] = sha
-            return [Target(stage, join_name(path, ctx.item, scheme), None, digests)], should_mark
+                if known := _known(ctx.digests.get(str(extra.relative_to(ctx.item_dir)))):
+                    digests[extra.name] = known
+            return [Target(stage, join_name(path, ctx.item, scheme), {}, digests)], should_mark
         if len(payload) > 1 or (is_unit and ctx.extras):
             # Several outputs (e.g. one video per camera), or a payload with its extras, travel as one folder
             # named after the item.
             stage = self._stage(ctx, payload + ctx.extras)
             remote = join_name(path, ctx.item, scheme) if is_folder else path.rstrip("/")
-            return [Target(stage, remote, None, self._tree_digests(ctx, payload + ctx.extras))], should_mark
+            return [Target(stage, remote, {}, self._tree_digests(ctx, payload + ctx.extras))], should_mark
         targets: list[Target] = []
         folder = path if is_folder else os.path.dirname(path.rstrip("/")) or "/"
         if payload:
@@ -192,11 +192,11 @@ class Ship(Handler[ShipOptions]):
             remote = join_name(path, source.name, scheme) if is_folder else path
             relative = str(source.relative_to(ctx.item_dir))
             if source.is_dir():
-                targets.append(Target(source, remote, None, self._tree_digests(ctx, [source], strip=relative)))
+                targets.append(Target(source, remote, {}, self._tree_digests(ctx, [source], strip=relative)))
             else:
-                targets.append(Target(source, remote, ctx.digests.get(relative, {}).get("sha256"), {}))
+                targets.append(Target(source, remote, _known(ctx.digests.get(relative)), {}))
         for extra in ctx.extras:
-            targets.append(Target(extra, join_name(folder, extra.name, scheme), None, {}))
+            targets.append(Target(extra, join_name(folder, extra.name, scheme), {}, {}))
         return targets, should_mark
 
     @staticmethod
@@ -218,19 +218,24 @@ class Ship(Handler[ShipOptions]):
         return stage
 
     @staticmethod
-    def _tree_digests(ctx: StepContext, paths: list[Path], strip: str = "") -> dict[str, str]:
-        """sha256 per file relative to the delivered folder, from what the checksum step recorded."""
-        digests: dict[str, str] = {}
+    def _tree_digests(ctx: StepContext, paths: list[Path], strip: str = "") -> dict[str, dict[str, str]]:
+        """Digests by algorithm per file relative to the delivered folder, from what the checksum step recorded."""
+        digests: dict[str, dict[str, str]] = {}
         for relative, by_algorithm in ctx.digests.items():
-            if "sha256" not in by_algorithm:
-                continue
             if strip:
                 if relative.startswith(strip + "/"):
-                    digests[relative[len(strip) + 1 :]] = by_algorithm["sha256"]
+                    digests[relative[len(strip) + 1 :]] = _known(by_algorithm)
             else:
-                digests[relative] = by_algorithm["sha256"]
+                digests[relative] = _known(by_algorithm)
         del paths
         return digests
+
+
+def _known(by_algorithm: object) -> dict[str, str]:
+    """A file's digests by algorithm as the sidecar holds them; what a hand edit left malformed is not known."""
+    if not isinstance(by_algorithm, dict):
+        return {}
+    return {k: v for k, v in by_algorithm.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _offset_progress(ctx: StepContext, base: int, total: int) -> Callable[[int, int], None]:

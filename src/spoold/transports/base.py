@@ -328,16 +328,20 @@ class Transport(SharedDocuments, ABC):
         """Release the connection."""
 
     @abstractmethod
-    def put_file(self, source: Path, target: str, sha256: str | None, ctx: TransferContext) -> Delivered:
+    def put_file(self, source: Path, target: str, digests: Mapping[str, str], ctx: TransferContext) -> Delivered:
         """Publish `source` at `target` atomically (temp name then rename, or multipart complete).
 
-        Resumes from `ctx.checkpoint`. When `sha256` is given the copy is verified
-        before it becomes visible where the transport allows, else right after.
+        Resumes from `ctx.checkpoint`. `digests` are the source's known digests by algorithm (the checksum
+        step's: `sha256`, `xxh3_128`, ...), empty when none is known. The copy is verified before it becomes
+        visible where the transport allows, else right after; a source that no longer matches a known digest
+        is a PermanentError.
         """
 
     @abstractmethod
-    def put_tree(self, source: Path, target: str, digests: Mapping[str, str], ctx: TransferContext) -> Delivered:
-        """Publish folder `source` as `target` so that it appears complete. `digests`: relpath -> sha256."""
+    def put_tree(self, source: Path, target: str, digests: Mapping[str, Mapping[str, str]],
+                 ctx: TransferContext) -> Delivered:  # fmt: skip
+        """Publish folder `source` as `target` so that it appears complete. `digests`: relpath -> known digests
+        by algorithm, as for `put_file`."""
 
     @abstractmethod
     def write_small(self, target: str, data: bytes) -> None:

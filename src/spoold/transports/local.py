@@ -139,19 +139,20 @@ class LocalTransport(Transport):
     def _path(self, target: str) -> Path:
         return Path(target)
 
-    def put_file(self, source: Path, target: str, sha256: str | None, ctx: TransferContext) -> Delivered:
+    def put_file(self, source: Path, target: str, digests: Mapping[str, str], ctx: TransferContext) -> Delivered:
         final = self._path(target)
         tmp = final.with_name(part_name(final.name, PART_SUFFIX))
         with _mapped_errors(final):
             final.parent.mkdir(parents=True, exist_ok=True)
             sent = _copy_hashing(source, tmp, ctx, is_resumable=True)
-            expected = sha256 or sent
+            expected = digests.get("sha256") or sent
             _verify(tmp, expected, final)
             os.replace(tmp, final)
             fsync_dir(final.parent)
         return Delivered(str(final), final.stat().st_size, is_verified=True)
 
-    def put_tree(self, source: Path, target: str, digests: Mapping[str, str], ctx: TransferContext) -> Delivered:
+    def put_tree(self, source: Path, target: str, digests: Mapping[str, Mapping[str, str]],
+                 ctx: TransferContext) -> Delivered:  # fmt: skip
         final = self._path(target.rstrip("/"))
         tmp = final.with_name(part_name(final.name, PART_SUFFIX))
         total = 0
@@ -169,7 +170,7 @@ class LocalTransport(Transport):
                     relative = str(relative_root / name) if str(relative_root) != "." else name
                     ctx.check_stop()
                     sent = _copy_hashing(Path(root) / name, tmp / relative, ctx)
-                    _verify(tmp / relative, digests.get(relative, sent), final / relative)
+                    _verify(tmp / relative, digests.get(relative, {}).get("sha256", sent), final / relative)
                     total += (tmp / relative).stat().st_size
             # An earlier delivery of the same item (re-run after a crash) is replaced whole.
             _remove(final)
@@ -237,7 +238,7 @@ class LocalTransport(Transport):
             check_local_tree(origin, limits or TreeLimits())
             self.put_tree(origin, str(destination), {}, ctx)
         else:
-            self.put_file(origin, str(destination), None, ctx)
+            self.put_file(origin, str(destination), {}, ctx)
         return [destination]
 
 

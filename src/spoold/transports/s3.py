@@ -86,14 +86,14 @@ class S3Transport(Transport):
     def _key(self, target: str) -> str:
         return target.lstrip("/")
 
-    def put_file(self, source: Path, target: str, sha256: str | None, ctx: TransferContext) -> Delivered:
+    def put_file(self, source: Path, target: str, digests: Mapping[str, str], ctx: TransferContext) -> Delivered:
         key = self._key(target)
         where = f"s3://{self.bucket}/{key}"
         with _mapped(where, is_local_read=True):
             size = source.stat().st_size
             # The sha256 goes into the object's metadata, which is fixed when the upload starts.
-            if not sha256:
-                sha256 = ctx.checkpoint.get("sha256") or hash_file(source, ["sha256"])["sha256"]
+            sha256 = (digests.get("sha256") or ctx.checkpoint.get("sha256")
+                      or hash_file(source, ["sha256"])["sha256"])  # fmt: skip
             if size < self.part_size:
                 self._put_single(source, key, size, sha256, ctx)
             else:
@@ -103,7 +103,8 @@ class S3Transport(Transport):
         ctx.progress(size, size)
         return Delivered(where, size, is_verified=True)
 
-    def put_tree(self, source: Path, target: str, digests: Mapping[str, str], ctx: TransferContext) -> Delivered:
+    def put_tree(self, source: Path, target: str, digests: Mapping[str, Mapping[str, str]],
+                 ctx: TransferContext) -> Delivered:  # fmt: skip
         prefix = self._key(target).rstrip("/")
         files = sorted(p for p in source.rglob("*") if p.is_file() and not p.is_symlink())
         total = sum(p.stat().st_size for p in files)
@@ -117,7 +118,7 @@ class S3Transport(Transport):
             base = done
             sub = ctx.sub(lambda n, _t, base=base: ctx.progress(base + n, total),  # type: ignore[misc]
                           ctx.checkpoint.setdefault("files", {}).setdefault(relative, {}))  # fmt: skip
-            self.put_file(path, f"{prefix}/{relative}", digests.get(relative), sub)
+            self.put_file(path, f"{prefix}/{relative}", digests.get(relative, {}), sub)
             finished.append(relative)
             ctx.checkpoint.get("files", {}).pop(relative, None)
             ctx.save_checkpoint()

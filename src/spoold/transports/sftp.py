@@ -147,7 +147,7 @@ class SftpTransport(Transport):
 
     # -- upload -----------------------------------------------------------------------------------
 
-    def put_file(self, source: Path, target: str, sha256: str | None, ctx: TransferContext) -> Delivered:
+    def put_file(self, source: Path, target: str, digests: Mapping[str, str], ctx: TransferContext) -> Delivered:
         client = self._client()
         tmp = temp_name(target)
         with self._mapped(f"upload to {self.url.host}:{target}"):
@@ -156,10 +156,9 @@ class SftpTransport(Transport):
             length = source.stat().st_size
             try:
                 size, (algorithm, expected), is_hashed = self._send(
-                    client, source, tmp, ctx, 0, sha256 or None,
-                    lambda: armed.append(self._far_digests().arm(tmp, length)))  # fmt: skip
+                    client, source, tmp, ctx, 0, digests, lambda: armed.append(self._far_digests().arm(tmp, length)))
                 self._far_digests().verify(client, {tmp: expected}, f"{self.url.host}:{target}", algorithm,
-                                           None if is_hashed else lambda _p: unchanged(source, expected),
+                                           None if is_hashed else lambda _p: unchanged(source, algorithm, expected),
                                            armed[0] if armed else None)  # fmt: skip
             finally:
                 for started in armed:
@@ -168,7 +167,8 @@ class SftpTransport(Transport):
             client.posix_rename(tmp, target)
         return Delivered(target, size, is_verified=True)
 
-    def put_tree(self, source: Path, target: str, digests: Mapping[str, str], ctx: TransferContext) -> Delivered:
+    def put_tree(self, source: Path, target: str, digests: Mapping[str, Mapping[str, str]],
+                 ctx: TransferContext) -> Delivered:  # fmt: skip
         client = self._client()
         final = target.rstrip("/")
         tmp = temp_name(final)
@@ -192,7 +192,7 @@ class SftpTransport(Transport):
                     continue
                 ctx.check_stop()
                 makedirs(client, posixpath.dirname(remote))
-                size, expected, is_hashed = self._send(client, path, remote, ctx, total, digests.get(relative))
+                size, expected, is_hashed = self._send(client, path, remote, ctx, total, digests.get(relative, {}))
                 total += size
                 pending[remote] = expected
                 if not is_hashed:
@@ -215,7 +215,7 @@ class SftpTransport(Transport):
 
         def changed(remote: str) -> None:
             if remote in sources:
-                unchanged(sources[remote], pending[remote][1])
+                unchanged(sources[remote], *pending[remote])
 
         for algorithm in sorted({a for a, _ in pending.values()}):  # one, unless a far tool failed meanwhile
             expected = {remote: digest for remote, (a, digest) in pending.items() if a == algorithm}
@@ -236,7 +236,7 @@ class SftpTransport(Transport):
 
     def _send(
         self, client: paramiko.SFTPClient, source: Path, remote: str, ctx: TransferContext, base: int,
-        given: str | None, opened: Callable[[], None] | None = None,
+        given: Mapping[str, str], opened: Callable[[], None] | None = None,
     ) -> tuple[int, tuple[str, str], bool]:  # fmt: skip
         """(size, (algorithm, the digest the far side must show), whether it was hashed here)."""
         digests = self._far_digests()

@@ -1,11 +1,14 @@
 """Sending one file over SFTP: resume from a partial whose prefix matches, hash while sending, checkpoints.
 
-The digest computed while sending is the one the far side computes fastest
-(`FarDigests.algorithm`), on a helper thread so it overlaps the writes (hashlib
-and xxhash release the GIL). With a sha256 already known (the checksum step's)
-and a far side that hashes sha256, nothing is hashed here: the far side's
-digest is compared with the known one, and only on a mismatch is the local file
-hashed again, to tell a changed source from a damaged copy. Imported only by
+The far side is asked for the digest it computes fastest (`FarDigests.algorithm`).
+When the checksum step already gave the source's digest in that algorithm
+(`checksum: {algorithms: [sha256, xxh3_128]}` and a far `xxh128sum`; sha256 and a
+far side without a faster tool), nothing is hashed here: the far side's digest
+is compared with the known one, and only on a mismatch is the local file hashed
+again, to tell a changed source from a damaged copy. Otherwise that digest is
+computed here while sending, on a helper thread so it overlaps the writes
+(hashlib and xxhash release the GIL), with a known one (the cheapest) beside it
+to prove the source still matches its checksum. Imported only by
 `spoold.transports.sftp`.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from typing import Any
 import paramiko
 from paramiko.sftp import CMD_STATUS
 
-from spoold.digest import hash_file
+from spoold.digest import ALGORITHMS, hash_file
 from spoold.errors import Interrupted, PermanentError
 from spoold.transports.base import TransferContext
 from spoold.transports.sftp_digest import HASHERS, FarDigests
@@ -32,6 +35,8 @@ log = logging.getLogger("spoold.sftp")
 CHECKPOINT_EVERY_BYTES = 64 << 20
 # A slow (or capped) upload records its offset this often too, so a crash loses little to the prefix re-check.
 CHECKPOINT_EVERY_SECONDS = 10.0
+# The known digests that can prove a source unchanged while it is sent, cheapest first.
+CHECK_ORDER = ("xxh3_128", "sha256")
 # Answers to pipelined writes left pending: more than the SSH window holds, so reading the oldest never waits.
 IN_FLIGHT = 32
 
@@ -69,27 +74,28 @@ class SendHasher:
 
 
 
-def unchanged(source: Path, sha256: str) -> None:
-    """Raise PermanentError when `source` no longer hashes to the sha256 taken by the checksum step."""
-    if hash_file(source, ["sha256"])["sha256"] != sha256:
+def unchanged(source: Path, algorithm: str, digest: str) -> None:
+    """Raise PermanentError when `source` no longer hashes to the digest taken by the checksum step."""
+    if algorithm not in ALGORITHMS or hash_file(source, [algorithm])[algorithm] != digest:
         raise PermanentError(f"{source.name} changed since its checksum was taken")
 
 
 def send(
     client: paramiko.SFTPClient, source: Path, remote: str, ctx: TransferContext, base: int, *,
-    given: str | None, digests: FarDigests, timeout: float, opened: Callable[[], None] | None = None,
+    given: Mapping[str, str], digests: FarDigests, timeout: float, opened: Callable[[], None] | None = None,
 ) -> tuple[int, tuple[str, str], bool]:  # fmt: skip
     """Write `source` to `remote`; return (size, (algorithm, the digest the far side must show), whether it was
     hashed here).
 
-    `given` is the source's sha256 if known: a source that hashed otherwise while sent is a PermanentError.
-    `opened()` is called once the remote file is open (created, truncated or kept for resuming).
+    `given` are the source's known digests by algorithm: a source that hashed otherwise while sent is a
+    PermanentError. `opened()` is called once the remote file is open (created, truncated or kept for resuming).
     """
     size = source.stat().st_size
     algorithm = digests.algorithm
-    needed = {algorithm} if given is None else {algorithm, "sha256"}
-    if given is not None and algorithm == "sha256":
-        needed = set()  # the far side's sha256 is compared with the given one
+    known = given.get(algorithm)  # compared with the far side's digest: nothing to hash here
+    # Else the proof that the source still matches its checksum: the cheapest known digest, beside the far one.
+    check = None if known is not None else next((a for a in CHECK_ORDER if a in given), None)
+    needed = set() if known is not None else {algorithm} if check is None else {algorithm, check}
     hasher = SendHasher(needed)
     try:
         with open(source, "rb", buffering=0) as reader:
@@ -99,14 +105,13 @@ def send(
                 hasher = SendHasher(needed)
                 reader.seek(0)
             _write(client, reader, remote, ctx, base, size, offset, hasher, timeout, opened)
-        if given is not None and "sha256" in hasher.hashers and hasher.hexdigest("sha256") != given:
+        if check is not None and hasher.hexdigest(check) != given[check]:
             raise PermanentError(f"{source.name} changed since its checksum was taken")
-        if algorithm in hasher.hashers:
-            return size, (algorithm, hasher.hexdigest(algorithm)), True
+        if known is not None:
+            return size, (algorithm, known), False
+        return size, (algorithm, hasher.hexdigest(algorithm)), True
     finally:
         hasher.close()
-    assert given is not None and algorithm == "sha256"
-    return size, (algorithm, given), False
 
 
 def _write(
