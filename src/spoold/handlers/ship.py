@@ -20,9 +20,11 @@ far queue must be `items: bundles` to take such a folder. Elsewhere, and with
 several payload files always travel as one folder named after the item.
 
 Each target is published atomically by its transport (temp name then rename,
-or multipart completion) and verified against the item's sha256; finished
-targets are recorded in the checkpoint, so a re-run sends only what is left,
-and the marker is written once.
+or multipart completion) and verified against the digests the checksum step
+recorded (every algorithm it computed: an SFTP far host with `xxh128sum` is
+checked against the xxh3_128 of `checksum: {algorithms: [sha256, xxh3_128]}`
+with nothing hashed again here); finished targets are recorded in the
+checkpoint, so a re-run sends only what is left, and the marker is written once.
 """
 
 from __future__ import annotations
