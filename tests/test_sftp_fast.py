@@ -8,6 +8,7 @@ test puts in a folder of its own (HOME too, or root's ~/.bashrc adds pyenv).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -26,7 +27,7 @@ from spoold.errors import ChecksumMismatch, PermanentError
 from spoold.transports import sftp_digest, sftp_upload
 from spoold.transports.base import TransferContext, parse_url
 from spoold.transports.sftp import SftpTransport, temp_name
-from tests.conftest import need_or_skip
+from tests.conftest import need_or_skip, sidecar_state, wait_for
 from tests.sshd import SSHD, Sshd, free_port, missing_reason, start_sshd
 
 MiB = 1 << 20
@@ -320,3 +321,36 @@ def test_a_large_file_is_hashed_on_the_far_side_while_it_lands(far: dict[str, An
     # A stale longer partial is truncated by the upload, never mistaken for it.
     Path(temp_name(str(tmp_path / "out.bin"))).write_bytes(os.urandom(sftp_digest.FOLLOW_BYTES + 2 * MiB))
     ship(server, source, tmp_path / "out.bin")
+
+
+def test_a_queue_whose_checksum_has_xxh3_128_is_verified_by_the_far_xxh128sum(
+        far: dict[str, Any], tmp_path: Path, spool: Path, daemon: Any, write_config: Any) -> None:  # fmt: skip
+    """End to end: `checksum: {algorithms: [sha256, xxh3_128]}` then `ship: sftp://`, a file and a bundle; the far
+    side hashes each file once, with its fastest tool, and everything lands whole."""
+    calls = tmp_path / "far-calls"
+    (tmp_path / "xxh-real").write_text(XXH128SUM)
+    (tmp_path / "xxh-real").chmod(0o755)
+    real = {"xxh128sum": str(tmp_path / "xxh-real"), "openssl": shutil.which("openssl") or "/usr/bin/openssl"}
+    server = far["start"]({t: f'#!/bin/sh\necho {t} >> {calls}\nexec {path} "$@"\n' for t, path in real.items()})
+    dest = tmp_path / "far"
+    options = {"to": server.url(f"{dest}/"), "identity": str(server.identity), "known_hosts": str(server.known_hosts)}
+    chain = f"\n    chain:\n      - checksum: {{algorithms: [sha256, xxh3_128]}}\n      - ship: {json.dumps(options)}"
+    daemon(write_config(f"spool: {{spool}}\nqueues:\n  files:\n    settle: 0s{chain}\n"
+                        f"  bundles:\n    items: bundles{chain}\n"))  # fmt: skip
+    payload = os.urandom(2 * MiB + 5)
+    (spool / "files" / "inbox" / ".clip.tmp").write_bytes(payload)
+    os.rename(spool / "files" / "inbox" / ".clip.tmp", spool / "files" / "inbox" / "clip.bin")
+    doc = wait_for(sidecar_state(spool, "files", "clip.bin", "done"), 60, "the file shipped")
+    assert (dest / "clip.bin").read_bytes() == payload
+    assert doc["steps"][0]["result"]["xxh3_128"] == xxhash.xxh3_128(payload).hexdigest()
+    assert doc["steps"][1]["result"]["verified"] is True
+    assert calls.read_text().split() == ["xxh128sum"], "one far hash, by the fastest tool"
+    bundle = spool / "bundles" / "inbox" / "episode_1"
+    (bundle / "cam").mkdir(parents=True)
+    frames = {f"cam/{n:04d}.png": os.urandom(1000 + n) for n in range(3)}
+    for relative, data in frames.items():
+        (bundle / relative).write_bytes(data)
+    (spool / "bundles" / "inbox" / "episode_1.ready").write_text("{}")
+    wait_for(sidecar_state(spool, "bundles", "episode_1", "done"), 60, "the bundle shipped")
+    assert {r: (dest / "episode_1" / r).read_bytes() for r in frames} == frames
+    assert set(calls.read_text().split()) == {"xxh128sum"}
