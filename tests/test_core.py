@@ -382,3 +382,26 @@ def test_retention_prunes_data_then_sidecars_and_keeps_the_young(
     # Several rescans have passed: the item kept for 7 days is still whole.
     assert (spool / "long" / "done" / "a.bin" / "a.bin").read_bytes() == b"a"
     assert read_sidecar(spool, "long", "a.bin") is not None
+
+
+def test_a_daemon_with_local_queues_only_loads_no_sqlite_nor_ssh_crypto(write_config: WriteConfig, spool: Path,
+                                                                        daemon: Start, tmp_path: Path) -> None:
+    """What only some queues need stays out of a daemon that has none of them (512 MB boards): SQLite (a `cache:`)
+    and cryptography's native module (paramiko, for sftp:// and ssh://), seen in the process's own mappings."""
+    out = tmp_path / "out"
+    run = daemon(write_config(f"""
+        spool: {{spool}}
+        queues:
+          q:
+            settle: 0s
+            chain:
+              - checksum: {{algorithms: [sha256, xxh3_128]}}
+              - ship: {{to: 'file://{out}/'}}
+        """))
+    (spool / "q" / "inbox" / "a.bin").write_bytes(b"x" * 4096)
+    wait_for(sidecar_state(spool, "q", "a.bin", "done"), 30, "the item shipped")
+    assert run.process is not None
+    mapped = Path(f"/proc/{run.process.pid}/maps").read_text()
+    assert "xxhash" in mapped, "the mappings are the daemon's (it hashed with xxhash)"
+    assert "sqlite" not in mapped
+    assert "cryptography" not in mapped and "_rust.abi3" not in mapped

@@ -39,14 +39,17 @@ import logging
 import os
 import re
 import secrets
-import sqlite3
 import stat
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spoold.options import Bytes
+
+if TYPE_CHECKING:
+    import sqlite3
 
 log = logging.getLogger("spoold.cache")
 
@@ -108,6 +111,7 @@ class Cache:
     def serve(self, key: str, dir_fd: int, name: str) -> bool:
         """Put the entry `key` at `name` in the folder `dir_fd` (replacing what is there) if it is cached and
         still hashes to what it held when it went in; False (a miss) otherwise."""
+        import sqlite3  # see _index
         try:
             with self._index() as db:
                 row = db.execute("SELECT sha256, size FROM entries WHERE key = ?", (key,)).fetchone()
@@ -140,6 +144,8 @@ class Cache:
             log.info("cache: %s (%d bytes) is larger than the whole cache (%d bytes); not cached", key, size,
                      self.max_bytes)  # fmt: skip
             return
+        import sqlite3  # see _index
+
         tmp = f"tmp/{secrets.token_hex(8)}"
         try:
             self._prepare()
@@ -180,6 +186,10 @@ class Cache:
     @contextlib.contextmanager
     def _index(self) -> Iterator[sqlite3.Connection]:
         """One transaction holding the index's write lock, so every thread and process sharing it takes turns."""
+        # Imported where used: only a configured cache needs SQLite, about 1 MB resident a daemon without one
+        # (most nodes, on 512 MB boards) never pays.
+        import sqlite3
+
         self._prepare()
         db = sqlite3.connect(self.root / INDEX, timeout=60, isolation_level=None)
         try:
@@ -195,6 +205,8 @@ class Cache:
 
     def _prepare(self) -> None:
         """Make the folder on first use and sweep what a crash left behind."""
+        import sqlite3  # see _index
+
         with self._lock:
             if self._is_prepared:
                 return
@@ -211,6 +223,8 @@ class Cache:
             self._is_prepared = True
 
     def _sweep(self) -> None:
+        import sqlite3  # see _index
+
         db = sqlite3.connect(self.root / INDEX, timeout=60, isolation_level=None)
         try:
             db.execute(_SCHEMA)
