@@ -137,8 +137,9 @@ def _write(
                 ctx.pace(len(chunk))  # the caps, and a stop noticed within one piece
                 watch.touch()
                 hasher.update(chunk)
+                pieces = memoryview(chunk)  # sliced without a copy: paramiko copies each into its request once
                 for start in range(0, len(chunk), REQUEST_BYTES):  # one request each: the watch sees it
-                    writer.write(chunk[start : start + REQUEST_BYTES])
+                    writer.write(pieces[start : start + REQUEST_BYTES])
                     _collect(writer, IN_FLIGHT)
                     watch.touch()
                 done += len(chunk)

@@ -328,6 +328,23 @@ def _read_secret(path: Path) -> str:
     return text
 
 
+class SendingSFTPClient(paramiko.SFTPClient):  # type: ignore[misc]
+    """paramiko's SFTP client, sending a request without copying its unsent rest again after each channel send.
+
+    paramiko's own `_write_all` slices the bytes still to send after every `Channel.send`, which takes at most
+    one SSH packet (32 KiB to OpenSSH), so each 255 KiB write request was copied about 3.5 times over. A
+    memoryview's slices copy nothing. If a paramiko ever stops calling `_write_all`, its own way runs instead.
+    """
+
+    def _write_all(self, out: bytes) -> None:
+        rest = memoryview(out)
+        while rest:
+            sent = self.sock.send(rest)
+            if sent <= 0:
+                raise EOFError()
+            rest = rest[sent:]
+
+
 def open_sftp(ssh: paramiko.Transport, window_bytes: int, packet_bytes: int, timeout: float) -> paramiko.SFTPClient:
     """An SFTP session on `ssh` within `timeout`, else TimeoutError.
 
@@ -351,4 +368,4 @@ def open_sftp(ssh: paramiko.Transport, window_bytes: int, packet_bytes: int, tim
     finally:
         timer.cancel()
     channel.settimeout(timeout)
-    return paramiko.SFTPClient(channel)
+    return SendingSFTPClient(channel)
