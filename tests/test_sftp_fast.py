@@ -215,7 +215,14 @@ def test_a_known_xxh3_128_is_compared_with_the_far_sides_and_nothing_is_hashed_h
     assert hashed_here and all(not algorithms for algorithms in hashed_here)
     hashed_here.clear()
     ship(server, source, tmp_path / "only-sha.bin", known={"sha256": known["sha256"]})
+    assert hashed_here[-1] == set(), "the far side's sha256 (openssl) is compared with the known one"
+    ship(server, source, tmp_path / "none.bin")
+    assert hashed_here[-1] == {"xxh3_128"}, "nothing known: the far side's fastest digest, made here while sending"
+    only_xxh = far["start"]({"xxh128sum": XXH128SUM})
+    ship(only_xxh, source, tmp_path / "no-far-sha.bin", known={"sha256": known["sha256"]})
     assert hashed_here[-1] == {"xxh3_128", "sha256"}, "the far tool's digest, and the known one to prove the source"
+    with pytest.raises(PermanentError, match="changed since its checksum was taken"):
+        ship(only_xxh, source, tmp_path / "no-far-sha-wrong.bin", known={"sha256": "ab" * 32})
     # A known xxh3_128 the copy does not match: the far side's digest was compared with it, not with one made here.
     with pytest.raises(PermanentError, match="changed since its checksum was taken"):
         ship(server, source, tmp_path / "wrong.bin", known={**known, "xxh3_128": "0" * 32})

@@ -156,7 +156,8 @@ class SftpTransport(Transport):
             length = source.stat().st_size
             try:
                 size, (algorithm, expected), is_hashed = self._send(
-                    client, source, tmp, ctx, 0, digests, lambda: armed.append(self._far_digests().arm(tmp, length)))
+                    client, source, tmp, ctx, 0, digests,
+                    lambda algorithm: armed.append(self._far_digests().arm(tmp, length, algorithm)))  # fmt: skip
                 self._far_digests().verify(client, {tmp: expected}, f"{self.url.host}:{target}", algorithm,
                                            None if is_hashed else lambda _p: unchanged(source, algorithm, expected),
                                            armed[0] if armed else None)  # fmt: skip
@@ -236,7 +237,7 @@ class SftpTransport(Transport):
 
     def _send(
         self, client: paramiko.SFTPClient, source: Path, remote: str, ctx: TransferContext, base: int,
-        given: Mapping[str, str], opened: Callable[[], None] | None = None,
+        given: Mapping[str, str], opened: Callable[[str], None] | None = None,
     ) -> tuple[int, tuple[str, str], bool]:  # fmt: skip
         """(size, (algorithm, the digest the far side must show), whether it was hashed here)."""
         digests = self._far_digests()

@@ -21,7 +21,7 @@ import re
 import shlex
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import paramiko
@@ -135,22 +135,27 @@ class FarDigests:
         tools = self._tools()
         return TOOLS[tools[0]][0] if tools else "sha256"
 
+    def algorithm_for(self, known: Collection[str]) -> str:
+        """The digest to ask the far side for: the fastest it has among `known` (digests already at hand, so
+        nothing is hashed here while sending), else the fastest it has."""
+        tools = self._tools()
+        return next((TOOLS[t][0] for t in tools if TOOLS[t][0] in known), self.algorithm)
+
     def _drop(self, tool: str) -> None:
         if self.tools and tool in self.tools:
             self.tools.remove(tool)
 
-    def arm(self, path: str, size: int) -> Armed | None:
-        """Start the far side's digest of `path` (`size` bytes once uploaded) now, to answer once told `go`.
-
-        Its shell starts while the file is sent; with python3 and sha256 a large file is hashed as it lands.
-        """
+    def arm(self, path: str, size: int, algorithm: str) -> Armed | None:
+        """Start the far side's `algorithm` digest of `path` (`size` bytes once uploaded) now, to answer once
+        told `go`. Its shell starts while the file is sent; with python3 and sha256 a large file is hashed as it
+        lands."""
         tools = self._tools()
+        tool = next((t for t in tools if TOOLS[t][0] == algorithm), None)
         with self._lock:
-            if not tools or not self.can_exec or self._armed >= ARMED_MAX:
+            if tool is None or not self.can_exec or self._armed >= ARMED_MAX:
                 return None
             self._armed += 1
         # Without `go` (the upload failed, the channel closed) the far side exits without an answer.
-        tool = tools[0]
         command = f'IFS= read -r go && [ "$go" = go ] && exec {TOOLS[tool][1]} {shlex.quote(path)}'
         if TOOLS[tool][0] == "sha256" and "python3" in tools and size >= FOLLOW_BYTES:
             tool = "python3"  # whose answer is read as python3's: one digest a line

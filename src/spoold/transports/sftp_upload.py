@@ -1,14 +1,15 @@
 """Sending one file over SFTP: resume from a partial whose prefix matches, hash while sending, checkpoints.
 
-The far side is asked for the digest it computes fastest (`FarDigests.algorithm`).
-When the checksum step already gave the source's digest in that algorithm
-(`checksum: {algorithms: [sha256, xxh3_128]}` and a far `xxh128sum`; sha256 and a
-far side without a faster tool), nothing is hashed here: the far side's digest
-is compared with the known one, and only on a mismatch is the local file hashed
-again, to tell a changed source from a damaged copy. Otherwise that digest is
-computed here while sending, on a helper thread so it overlaps the writes
-(hashlib and xxhash release the GIL), with a known one (the cheapest) beside it
-to prove the source still matches its checksum. Imported only by
+The far side is asked for a digest the checksum step already gave, the fastest
+of those it has a tool for (`FarDigests.algorithm_for`: xxh3_128 from
+`checksum: {algorithms: [sha256, xxh3_128]}` and a far `xxh128sum`, else sha256
+by openssl or python3): nothing is hashed here, the far side's digest is compared
+with the known one, and only on a mismatch is the local file hashed again, to
+tell a changed source from a damaged copy. The sending board (a Pi) is the
+short one; the far host hashes. With nothing known, the far side's fastest
+digest is computed here while sending, on a helper thread so it overlaps the
+writes (hashlib and xxhash release the GIL), with a known one beside it (the
+cheapest) if the far side has no tool for any known one. Imported only by
 `spoold.transports.sftp`.
 """
 
@@ -82,7 +83,7 @@ def unchanged(source: Path, algorithm: str, digest: str) -> None:
 
 def send(
     client: paramiko.SFTPClient, source: Path, remote: str, ctx: TransferContext, base: int, *,
-    given: Mapping[str, str], digests: FarDigests, timeout: float, opened: Callable[[], None] | None = None,
+    given: Mapping[str, str], digests: FarDigests, timeout: float, opened: Callable[[str], None] | None = None,
 ) -> tuple[int, tuple[str, str], bool]:  # fmt: skip
     """Write `source` to `remote`; return (size, (algorithm, the digest the far side must show), whether it was
     hashed here).
@@ -91,7 +92,7 @@ def send(
     PermanentError. `opened()` is called once the remote file is open (created, truncated or kept for resuming).
     """
     size = source.stat().st_size
-    algorithm = digests.algorithm
+    algorithm = digests.algorithm_for(given)
     known = given.get(algorithm)  # compared with the far side's digest: nothing to hash here
     # Else the proof that the source still matches its checksum: the cheapest known digest, beside the far one.
     check = None if known is not None else next((a for a in CHECK_ORDER if a in given), None)
@@ -104,7 +105,8 @@ def send(
                 hasher.close()
                 hasher = SendHasher(needed)
                 reader.seek(0)
-            _write(client, reader, remote, ctx, base, size, offset, hasher, timeout, opened)
+            _write(client, reader, remote, ctx, base, size, offset, hasher, timeout,
+                   None if opened is None else lambda: opened(algorithm))  # fmt: skip
         if check is not None and hasher.hexdigest(check) != given[check]:
             raise PermanentError(f"{source.name} changed since its checksum was taken")
         if known is not None:
