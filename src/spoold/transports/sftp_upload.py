@@ -89,7 +89,8 @@ def send(
     hashed here).
 
     `given` are the source's known digests by algorithm: a source that hashed otherwise while sent is a
-    PermanentError. `opened()` is called once the remote file is open (created, truncated or kept for resuming).
+    PermanentError. `opened(algorithm)` is called once the remote file is open (created, truncated or kept for
+    resuming), with the digest the far side will be asked for.
     """
     size = source.stat().st_size
     algorithm = digests.algorithm_for(given)
