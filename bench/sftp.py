@@ -15,7 +15,6 @@ process's peak RSS.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import statistics
@@ -26,13 +25,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import xxhash
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.sshd import Sshd, missing_reason, start_sshd  # noqa: E402
 
+from spoold.digest import hash_file  # noqa: E402
 from spoold.transports.base import TransferContext, parse_url  # noqa: E402
 from spoold.transports.sftp import SftpTransport  # noqa: E402
 
@@ -97,19 +95,15 @@ def main() -> None:
         root = Path(tmp)
         source = root / "payload.bin"
         make_file(source, size_mib * MiB)
-        with open(source, "rb") as stream:
-            sha256 = hashlib.file_digest(stream, "sha256").hexdigest()
-        with open(source, "rb") as stream:
-            xxh3_128 = hashlib.file_digest(stream, xxhash.xxh3_128).hexdigest()
+        known = hash_file(source, ["sha256", "xxh3_128"])  # what `checksum: {algorithms: [sha256, xxh3_128]}` gives
         server = start_sshd(root / "sshd")
         dest = root / "dest"
         dest.mkdir()
         runs: dict[str, Callable[[Path], tuple[float, float]]] = {
             "spoold put_file + verify": lambda t: run_spoold(server, source, t, {}),
             "OpenSSH sftp put (default)": lambda t: run_openssh(server, source, t),
-            "spoold, sha256 given": lambda t: run_spoold(server, source, t, {"sha256": sha256}),
-            "spoold, sha256 + xxh3_128 given": lambda t: run_spoold(server, source, t,
-                                                                   {"sha256": sha256, "xxh3_128": xxh3_128}),
+            "spoold, sha256 given": lambda t: run_spoold(server, source, t, {"sha256": known["sha256"]}),
+            "spoold, sha256 + xxh3_128 given": lambda t: run_spoold(server, source, t, known),
             f"OpenSSH sftp -c {GCM}": lambda t: run_openssh(server, source, t, GCM),
         }
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}

@@ -121,6 +121,19 @@ def ship(server: Sshd, source: Path, target: Path, sha256: str | None = None,
     return ours
 
 
+def logged_tools(tmp_path: Path, tools: list[str]) -> tuple[Path, dict[str, str]]:
+    """Far-side `tools` (xxh128sum is the stand-in above) that each append their name to the returned file
+    when run, as scripts for `far["start"]`; skips the test when one is not installed here."""
+    calls = tmp_path / "far-calls"
+    (tmp_path / "xxh-real").write_text(XXH128SUM)
+    (tmp_path / "xxh-real").chmod(0o755)
+    real = {"openssl": shutil.which("openssl") or "/usr/bin/openssl", "xxh128sum": str(tmp_path / "xxh-real"),
+            "python3": "/usr/bin/python3"}  # not a pyenv shim, which needs the HOME it is not given
+    if not all(Path(real[t]).exists() for t in tools):
+        pytest.skip(f"{tools} not installed here")
+    return calls, {t: f'#!/bin/sh\necho {t} >> {calls}\nexec {real[t]} "$@"\n' for t in tools}
+
+
 def payload(path: Path, size: int = 3 * MiB) -> Path:
     path.write_bytes(os.urandom(size))
     return path
@@ -235,14 +248,8 @@ def test_the_far_digest_started_during_the_upload_is_the_one_used(tools: list[st
                                                                    far: dict[str, Any], tmp_path: Path) -> None:
     """One far-side hash per upload: the answer of the one started while sending is read as its tool prints it
     (openssl's `SHA2-256(path)= digest` was not, and the file was hashed a second time)."""
-    calls = tmp_path / "far-calls"
-    (tmp_path / "xxh-real").write_text(XXH128SUM)
-    (tmp_path / "xxh-real").chmod(0o755)
-    real = {"openssl": shutil.which("openssl") or "/usr/bin/openssl", "xxh128sum": str(tmp_path / "xxh-real"),
-            "python3": "/usr/bin/python3"}  # not a pyenv shim, which needs the HOME it is not given
-    if not all(Path(real[t]).exists() for t in tools):
-        pytest.skip(f"{tools} not installed here")
-    server = far["start"]({t: f'#!/bin/sh\necho {t} >> {calls}\nexec {real[t]} "$@"\n' for t in tools})
+    calls, logged = logged_tools(tmp_path, tools)
+    server = far["start"](logged)
     source = payload(tmp_path / "data.bin", size)
     ours = ship(server, source, tmp_path / "out.bin")
     assert ours._far_digests().tools == tools
@@ -334,11 +341,8 @@ def test_a_queue_whose_checksum_has_xxh3_128_is_verified_by_the_far_xxh128sum(
         far: dict[str, Any], tmp_path: Path, spool: Path, daemon: Any, write_config: Any) -> None:  # fmt: skip
     """End to end: `checksum: {algorithms: [sha256, xxh3_128]}` then `ship: sftp://`, a file and a bundle; the far
     side hashes each file once, with its fastest tool, and everything lands whole."""
-    calls = tmp_path / "far-calls"
-    (tmp_path / "xxh-real").write_text(XXH128SUM)
-    (tmp_path / "xxh-real").chmod(0o755)
-    real = {"xxh128sum": str(tmp_path / "xxh-real"), "openssl": shutil.which("openssl") or "/usr/bin/openssl"}
-    server = far["start"]({t: f'#!/bin/sh\necho {t} >> {calls}\nexec {path} "$@"\n' for t, path in real.items()})
+    calls, logged = logged_tools(tmp_path, ["xxh128sum", "openssl"])
+    server = far["start"](logged)
     dest = tmp_path / "far"
     options = {"to": server.url(f"{dest}/"), "identity": str(server.identity), "known_hosts": str(server.known_hosts)}
     chain = f"\n    chain:\n      - checksum: {{algorithms: [sha256, xxh3_128]}}\n      - ship: {json.dumps(options)}"
